@@ -1,0 +1,27 @@
+"""Shared pytest setup: strict numerics, fresh PRNG keys, tiny shapes."""
+
+import itertools
+import os
+
+import jax
+import pytest
+
+# Catch silent broadcasting bugs; library code must not rely on implicit rank promotion.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def getkey():
+    """Hands out fresh PRNG keys, never the same one twice within a test."""
+    counter = itertools.count()
+    root = jax.random.key(0)
+    return lambda: jax.random.fold_in(root, next(counter))
+
+
+@pytest.fixture
+def real_archive():
+    """Path of the real CIFAR-10 archive from JAXADV_DATA, or skip with a visible reason."""
+    path = os.environ.get("JAXADV_DATA")
+    if not path or not os.path.exists(path):
+        pytest.skip("real CIFAR-10 archive not available: set JAXADV_DATA to ../shared/data/cifar10-jpeg.tar.gz")
+    return path
