@@ -49,9 +49,9 @@ class CNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        x = (x.astype(jnp.float32) - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(
-            self.std, jnp.float32
-        )
+        mean = jnp.asarray(self.mean, jnp.float32).reshape(1, 1, 1, -1)
+        std = jnp.asarray(self.std, jnp.float32).reshape(1, 1, 1, -1)
+        x = (x.astype(jnp.float32) - mean) / std
         x = x.astype(self.dtype)
         for width in self.widths:
             for _ in range(2):

@@ -308,7 +308,7 @@ def fit(
     if resume and ckpt_dir and checkpoint.latest_step(ckpt_dir) is not None:
         template = _checkpoint_tree(state, state.params, state.batch_stats, train_key)
         _, tree, meta = checkpoint.restore(ckpt_dir, template)
-        if meta.get("config") != cfg.to_dict():
+        if TrainConfig.from_dict(meta.get("config", {})) != cfg:
             raise checkpoint.CheckpointError(
                 f"checkpoint in {ckpt_dir} was written with a different config; use a new --out or the same config"
             )
