@@ -37,7 +37,9 @@ def save(directory: str | os.PathLike, step: int, state: Any, meta: dict, *, max
 
     Keeps the newest `max_to_keep` steps. Blocks until the checkpoint is on disk.
     """
-    state = jax.block_until_ready(state)
+    # Hand orbax host copies: it then runs no device programs of its own, which on a
+    # multi-device host could interleave with the training step's collectives.
+    state = jax.device_get(state)
     with _manager(directory, max_to_keep=max_to_keep) as mngr:
         mngr.save(
             step,

@@ -249,24 +249,25 @@ def cmd_evaluate(args, log) -> int:
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate}
 
 
-def _use_all_cpu_cores() -> None:
-    """Expose each CPU core as a JAX host device, so CPU runs are data-parallel too.
+def _host_devices_from_env() -> None:
+    """`JAXADV_HOST_DEVICES=N` exposes N host (CPU) devices, so CPU runs are data-parallel.
 
-    On XLA:CPU one device does not keep two cores busy through a conv net's backward pass;
-    splitting the batch over one device per core (the same sharded code path as multi-GPU)
-    measured ~1.5-1.7x faster training on this project's 2-core machine. It must happen
-    before JAX initializes its backends, so only the CLI does it; it has no effect on
-    GPU/TPU runs (their devices stay the default) and an explicit XLA_FLAGS setting wins.
+    Opt-in: it must be set before JAX initializes its backends, so only the CLI does it,
+    and an explicit XLA_FLAGS setting wins. On this project's 2-core machine, splitting
+    the batch over 2 host devices sped up the seed model's training step, but a
+    BatchNorm model adds a cross-device all-reduce per layer, and a starved device thread
+    can trip XLA:CPU's 40 s collective timeout, which aborts the process. See the
+    benchmarks before turning it on.
     """
+    n = os.environ.get("JAXADV_HOST_DEVICES")
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" in flags or os.environ.get("JAXADV_HOST_DEVICES") == "1":
+    if not n or "xla_force_host_platform_device_count" in flags:
         return
-    n = os.environ.get("JAXADV_HOST_DEVICES") or str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(n)}".strip()
 
 
 def main(argv: list[str] | None = None) -> int:
-    _use_all_cpu_cores()
+    _host_devices_from_env()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
