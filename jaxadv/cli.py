@@ -96,6 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     t.add_argument("--eps", type=float, default=None, help="FGSM eps for --defense fgsm_at (pixels in [0,1])")
 
+    st = sub.add_parser(
+        "study",
+        help="the seed study: train clean, FGSM-AT and median-squeezed models; the 3x3 attack table",
+        description="Reproduce 'Defense Against Adversarial Examples in NN': train (or reuse) the clean, "
+        "FGSM adversarially trained and median-squeezed models, evaluate clean / FGSM / DeepFool accuracy "
+        "for each, and write OUT/results.json, OUT/results.md and plots. Resumable: rerun the same command "
+        "after an interruption.",
+    )
+    _add_data_flags(st, train=True)
+    st.add_argument("--out", required=True, help="output directory")
+    st.add_argument("--config", default="fast", help="training preset shared by the three models: 'seed' or 'fast'")
+    st.add_argument("--epochs", type=_positive_int, default=None, help="maximum epochs per model (default: the config's)")
+    st.add_argument("--seed", type=int, default=0, help="seed for data split, init, data order and augmentation")
+    st.add_argument("--eps", type=float, default=0.1, help="FGSM eps for the attack and adversarial training")
+    st.add_argument("--deepfool-max-iter", type=_positive_int, default=50, help="DeepFool iteration limit")
+    st.add_argument("--deepfool-overshoot", type=float, default=0.02, help="DeepFool overshoot")
+    st.add_argument("--attack-batch", type=_positive_int, default=500, help="batch size for attacks and evaluation")
+
     e = sub.add_parser(
         "evaluate",
         help="clean test accuracy of a trained checkpoint",
@@ -226,6 +244,37 @@ def cmd_train(args, log) -> int:
     return 0
 
 
+def cmd_study(args, log) -> int:
+    from jaxadv import data, study
+    from jaxadv.configs import get_config
+
+    if not 0 <= args.eps <= 1:
+        raise UsageError(f"--eps must be in [0, 1] (pixel units), got {args.eps}")
+    if args.deepfool_overshoot < 0:
+        raise UsageError(f"--deepfool-overshoot must be >= 0, got {args.deepfool_overshoot}")
+    cfg = get_config(args.config)
+    overrides = {}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.val_size is not None:
+        overrides["val_size"] = args.val_size
+    cfg = cfg.replace(**overrides)
+    splits = data.load(
+        args.data, cache_dir=args.cache_dir, val_size=cfg.val_size, train_subset=args.train_subset,
+        test_subset=args.test_subset, seed=args.seed, progress=not args.no_progress,
+    )  # fmt: skip
+    log.info("data: %s: train %d, val %d, test %d", splits.source, len(splits.train.labels), len(splits.val.labels),
+             len(splits.test.labels))  # fmt: skip
+    results = study.run(
+        splits, args.out, base=cfg, eps=args.eps, seed=args.seed,
+        deepfool_kwargs={"max_iter": args.deepfool_max_iter, "overshoot": args.deepfool_overshoot},
+        attack_batch=args.attack_batch, augment_fn=augment_fn(cfg), progress=not args.no_progress,
+        log=log.info, environment=environment(),
+    )  # fmt: skip
+    print(Path(args.out, "results.md").read_text())
+    return 0 if results else 1
+
+
 def cmd_evaluate(args, log) -> int:
     import jax  # noqa: F401
 
@@ -246,7 +295,7 @@ def cmd_evaluate(args, log) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "study": cmd_study}
 
 
 def _host_devices_from_env() -> None:

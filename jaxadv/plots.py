@@ -42,3 +42,49 @@ def training_curves(histories: dict[str, list[dict]], path) -> None:
         ax.legend(fontsize=8)
     _save(fig, path)
     plt.close(fig)
+
+
+def deepfool_norms(norms: dict[str, list[float]], path) -> None:
+    """Histogram of DeepFool perturbation norms, one series per model."""
+    import numpy as np
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    all_norms = np.concatenate([np.asarray(v) for v in norms.values()])
+    bins = np.linspace(0, np.quantile(all_norms, 0.99) if len(all_norms) else 1, 50)
+    for name, v in norms.items():
+        v = np.asarray(v)
+        ax.hist(v, bins=bins, alpha=0.6, label=f"{name} (median {np.median(v):.3f})")
+    ax.set(xlabel="DeepFool ‖x_adv − x‖₂", ylabel="test images", title="DeepFool perturbation size")
+    ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def adversarial_gallery(x_clean, x_fgsm, x_deepfool, labels, preds, class_names, path) -> None:
+    """Rows: clean, FGSM, DeepFool, and the amplified perturbations; titles are predictions."""
+    import numpy as np
+
+    plt = _plt()
+    n = len(labels)
+    rows = [("clean", x_clean, preds[0]), ("FGSM", x_fgsm, preds[1]), ("DeepFool", x_deepfool, preds[2])]
+    fig, axes = plt.subplots(5, n, figsize=(1.6 * n, 9))
+    for j in range(n):
+        for i, (name, x, p) in enumerate(rows):
+            ax = axes[i, j]
+            ax.imshow(np.clip(x[j], 0, 1))
+            ok = p[j] == labels[j]
+            ax.set_title(f"{class_names[p[j]]}", fontsize=7, color="green" if ok else "red")
+        for i, (name, x) in enumerate((("FGSM", x_fgsm), ("DeepFool", x_deepfool))):
+            d = x[j] - x_clean[j]
+            scale = np.abs(d).max() or 1.0
+            axes[3 + i, j].imshow(0.5 + 0.5 * d / scale)
+            axes[3 + i, j].set_title(f"×{0.5 / scale:.0f}", fontsize=7)
+        for i in range(5):
+            axes[i, j].axis("off")
+    for i, name in enumerate(["clean", "FGSM", "DeepFool", "FGSM δ (amplified)", "DeepFool δ (amplified)"]):
+        axes[i, 0].text(-4, 16, name, fontsize=8, ha="right", va="center")
+    fig.suptitle("Predictions (green: correct, red: wrong); true labels: "
+                 + ", ".join(class_names[k] for k in labels), fontsize=8)  # fmt: skip
+    _save(fig, path)
+    plt.close(fig)

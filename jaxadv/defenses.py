@@ -1,0 +1,66 @@
+"""Training-time defenses as batch transforms `(variables, x, y, key) -> (x', y')`.
+
+They plug into `jaxadv.train.train_step` (applied to every float batch in [0, 1] inside
+the jitted step), so a defense never needs its own copy of the training loop.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxadv import squeeze
+from jaxadv.attacks.fgsm import _fgsm
+from jaxadv.configs import TrainConfig
+from jaxadv.train import identity_transform
+from jaxadv.types import ApplyFn, Array, BatchTransform
+
+
+def median_transform(variables, x: Array, y: Array, key, *, size: int = 3):
+    """Train on median-filtered images (the study's feature-squeezing model)."""
+    del variables, key
+    return squeeze.median_filter(x, size), y
+
+
+def fgsm_adversarial_transform(variables, x: Array, y: Array, key, *, apply_fn: ApplyFn, eps: float, adv_weight: float):
+    """FGSM adversarial training (Goodfellow, Shlens & Szegedy 2015, arXiv:1412.6572).
+
+    Replaces a fraction `adv_weight` of the batch by FGSM(eps) examples made against the
+    current params (true labels, eval-mode model), so the batch loss is, in expectation over
+    the shuffled batch, `(1 - adv_weight) * J(x) + adv_weight * J(x_adv)`: Goodfellow's
+    objective with alpha = 1 - adv_weight (0.5 by default). Only the attacked slice pays
+    for the attack's extra forward and backward pass. The adversarial examples are
+    constants for the parameter update (`stop_gradient`).
+    """
+    del key  # FGSM is deterministic
+    k = int(round(adv_weight * x.shape[0]))
+    if k == 0:
+        return x, y
+    x_adv = jax.lax.stop_gradient(_fgsm(apply_fn, variables, x[:k], y[:k], eps, 0.0, 1.0, False))
+    return jnp.concatenate([x_adv, x[k:]], axis=0), y
+
+
+def batch_transform(cfg: TrainConfig, apply_fn: ApplyFn | None = None) -> BatchTransform:
+    """The batch transform named by `cfg.defense`.
+
+    Args:
+      cfg: training config (`defense`, `defense_eps`, `adv_weight`, `median_size`).
+      apply_fn: the model's eval-mode `apply(variables, x)`; needed for "fgsm_at"
+        (default: built from `cfg`).
+    """
+    if cfg.defense == "none":
+        return identity_transform
+    if cfg.defense == "median":
+        return functools.partial(median_transform, size=cfg.median_size)
+    if cfg.defense == "fgsm_at":
+        if apply_fn is None:
+            from jaxadv.models import make_apply
+            from jaxadv.train import create_model
+
+            apply_fn = make_apply(create_model(cfg))
+        return functools.partial(
+            fgsm_adversarial_transform, apply_fn=apply_fn, eps=cfg.defense_eps, adv_weight=cfg.adv_weight
+        )
+    raise ValueError(f"unknown defense {cfg.defense!r}; expected none, median or fgsm_at")

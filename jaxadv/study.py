@@ -1,0 +1,267 @@
+"""The seed study: three models (clean, FGSM adversarial training, median squeezing) and
+the 3x3 table of test accuracy under no attack, FGSM and DeepFool.
+
+Protocol per row, as in the study:
+  * "none" and "adversarial_training": white-box, adversarial examples are crafted on the
+    evaluated model itself.
+  * "median_squeezing": adversarial examples crafted on the *clean* model, median-filtered,
+    then fed to the model trained on median-filtered images (transfer / grey-box).
+  * Extra row "median_squeezing_unfiltered": the same transferred examples fed to the
+    squeezed model without test-time filtering (the study's wording allows this reading).
+
+Every phase writes its result to OUT/phases/<phase>.json (atomically) and is skipped when
+that file exists; training phases resume from their last epoch checkpoint. So an
+interrupted study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jaxadv import checkpoint, defenses, plots, squeeze, train
+from jaxadv.attacks import deepfool, fgsm_jit
+from jaxadv.configs import TrainConfig
+from jaxadv.evaluation import attack_eval
+
+# The study's table (test accuracy, %); None where it did not measure.
+STUDY = {
+    ("none", "none"): 88.5, ("none", "fgsm"): 0.1, ("none", "deepfool"): 7.4,
+    ("adversarial_training", "none"): 81.5, ("adversarial_training", "fgsm"): 76.9,
+    ("adversarial_training", "deepfool"): None,
+    ("median_squeezing", "none"): 80.1, ("median_squeezing", "fgsm"): 45.3, ("median_squeezing", "deepfool"): 77.5,
+}  # fmt: skip
+DEFENSES = ("none", "adversarial_training", "median_squeezing")
+ATTACKS = ("none", "fgsm", "deepfool")
+_TRAINING_DEFENSE = {"none": "none", "adversarial_training": "fgsm_at", "median_squeezing": "median"}
+
+
+def model_configs(base: TrainConfig, eps: float) -> dict[str, TrainConfig]:
+    """The three training configs of the study, from one base preset."""
+    return {
+        name: base.replace(defense=_TRAINING_DEFENSE[name], defense_eps=eps, name=f"{base.name}-{name}")
+        for name in DEFENSES
+    }
+
+
+def run(
+    splits,
+    out: str | Path,
+    *,
+    base: TrainConfig,
+    eps: float = 0.1,
+    seed: int = 0,
+    deepfool_kwargs: dict | None = None,
+    attack_batch: int = 500,
+    augment_fn: Callable | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    environment: dict | None = None,
+) -> dict:
+    """Train (or reuse) the three models and evaluate every cell; write OUT/results.{json,md} and plots.
+
+    Args:
+      splits: `jaxadv.data.Splits`.
+      out: output directory (models/, phases/, adv/ caches and the results).
+      base: the training preset all three models share (their `defense` differs).
+      eps: FGSM eps, for the attack and for adversarial training (pixels in [0, 1]).
+      seed: root seed (init, data order, augmentation) of each model.
+      deepfool_kwargs: overrides of `jaxadv.attacks.deepfool` defaults.
+      attack_batch: batch size for attacks and evaluation.
+      augment_fn: training augmentation `(key, x) -> x`.
+      progress: show progress bars.
+      log: one-line progress messages.
+      environment: device/versions record stored in results.json.
+
+    Returns:
+      the results dict written to OUT/results.json.
+    """
+    out = Path(out)
+    df_kwargs = {"num_candidates": 10, "overshoot": 0.02, "max_iter": 50, **(deepfool_kwargs or {})}
+    num_classes = len(splits.class_names)
+    cfgs = model_configs(base, eps)
+    test = splits.test
+    phases: dict[str, dict] = {}
+
+    def phase(name: str, fn: Callable[[], dict]) -> dict:
+        path = out / "phases" / f"{name}.json"
+        if path.exists():
+            phases[name] = json.loads(path.read_text())
+            log(f"[{name}] done before ({phases[name]['seconds']:.0f}s); skipped")
+            return phases[name]
+        log(f"[{name}] ...")
+        t0 = time.perf_counter()
+        result = fn()
+        result["seconds"] = time.perf_counter() - t0
+        checkpoint.write_json_atomic(path, result)
+        phases[name] = result
+        log(f"[{name}] finished in {result['seconds']:.0f}s")
+        return result
+
+    # --- training -----------------------------------------------------------------------
+    models = {}
+    for name in DEFENSES:
+        cfg = cfgs[name]
+        ckpt_dir = out / "models" / name / "checkpoints"
+
+        def train_phase(cfg=cfg, ckpt_dir=ckpt_dir, name=name):
+            apply_fn = train.make_apply(train.create_model(cfg, num_classes))
+            result = train.fit(
+                cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
+                key=jax.random.key(seed), num_classes=num_classes,
+                batch_transform=defenses.batch_transform(cfg, apply_fn), augment_fn=augment_fn,
+                ckpt_dir=str(ckpt_dir), resume=True, progress=progress,
+                extra_meta={"data": splits.source, "seed": seed, "class_names": list(splits.class_names)},
+                log=lambda s, name=name: log(f"[train {name}] {s}"),
+            )  # fmt: skip
+            checkpoint.write_json_atomic(out / "models" / name / "history.json", result.history)
+            return {
+                "epochs": len(result.history), "stopped_early": result.stopped_early,
+                "train_seconds": sum(h["seconds"] for h in result.history), "config": cfg.to_dict(),
+            }  # fmt: skip
+
+        phase(f"train_{name}", train_phase)
+        apply_fn, variables, _, meta = train.load_trained(str(ckpt_dir))
+        models[name] = (apply_fn, variables, meta["history"])
+
+    # --- attacks ------------------------------------------------------------------------
+    def fgsm_attack(apply_fn, variables):
+        return lambda x, y: fgsm_jit(apply_fn, variables, x, y, eps=eps)
+
+    def deepfool_attack(apply_fn, variables):
+        return lambda x, y: deepfool(apply_fn, variables, x, **df_kwargs)
+
+    adv_dir = out / "adv"  # clean-model adversarial examples, reused by the transfer rows
+    cells: list[dict] = []
+
+    def cell(defense, attack, summary, **extra):
+        keep = {k: summary[k] for k in ("accuracy_pct", "loss", "n")}
+        cells.append({"defense": defense, "attack": attack, **keep, **extra})
+
+    def eval_phase(defense: str) -> dict:
+        apply_fn, variables, _ = models[defense]
+        kw = dict(batch_size=attack_batch, progress=progress)
+        res = {}
+        res["none"], _ = attack_eval(apply_fn, variables, test.images, test.labels, desc=f"{defense}/clean", **kw)
+        res["fgsm"], x_fgsm = attack_eval(apply_fn, variables, test.images, test.labels,
+                                          attack=fgsm_attack(apply_fn, variables), keep_adv=defense == "none",
+                                          desc=f"{defense}/fgsm", **kw)  # fmt: skip
+        res["deepfool"], x_df = attack_eval(apply_fn, variables, test.images, test.labels,
+                                            attack=deepfool_attack(apply_fn, variables), keep_adv=defense == "none",
+                                            desc=f"{defense}/deepfool", **kw)  # fmt: skip
+        if defense == "none":
+            adv_dir.mkdir(parents=True, exist_ok=True)
+            for tag, arr in (("fgsm", x_fgsm), ("deepfool", x_df)):
+                tmp = adv_dir / f".{tag}.tmp.npy"
+                np.save(tmp, arr)
+                tmp.replace(adv_dir / f"{tag}.npy")
+        return {"attacks": res}
+
+    def transfer_phase() -> dict:
+        apply_fn, variables, _ = models["median_squeezing"]
+        filtered = squeeze.squeezed(apply_fn, squeeze.median_squeezer(cfgs["median_squeezing"].median_size))
+        kw = dict(batch_size=attack_batch, progress=progress)
+        res = {"filtered": {}, "unfiltered": {}}
+        for tag, fn in (("filtered", filtered), ("unfiltered", apply_fn)):
+            res[tag]["none"], _ = attack_eval(fn, variables, test.images, test.labels, desc=f"median/{tag}/clean", **kw)
+            for attack in ("fgsm", "deepfool"):
+                x_adv = np.load(adv_dir / f"{attack}.npy", mmap_mode="r")
+                res[tag][attack], _ = attack_eval(fn, variables, test.images, test.labels, inputs=x_adv,
+                                                  desc=f"median/{tag}/{attack}", **kw)  # fmt: skip
+        return res
+
+    ev_none = phase("eval_none", lambda: eval_phase("none"))
+    if not (adv_dir / "deepfool.npy").exists():  # phase done but its cache deleted: recompute
+        (out / "phases" / "eval_none.json").unlink()
+        ev_none = phase("eval_none", lambda: eval_phase("none"))
+    ev_at = phase("eval_adversarial_training", lambda: eval_phase("adversarial_training"))
+    ev_sq = phase("eval_median_squeezing", transfer_phase)
+
+    stats = {}
+    for defense, res in (("none", ev_none["attacks"]), ("adversarial_training", ev_at["attacks"])):
+        for attack in ATTACKS:
+            extra = {"protocol": "white-box"}
+            cell(defense, attack, res[attack], **extra)
+        stats[defense] = {k: v for k, v in res["deepfool"].items() if k not in ("accuracy_pct", "loss", "n", "norms")}
+    for attack in ATTACKS:
+        cell("median_squeezing", attack, ev_sq["filtered"][attack],
+             protocol="transfer from the clean model, median-filtered")  # fmt: skip
+    extra_cells = [
+        {"defense": "median_squeezing_unfiltered", "attack": attack,
+         **{k: ev_sq["unfiltered"][attack][k] for k in ("accuracy_pct", "loss", "n")},
+         "protocol": "transfer from the clean model, no test-time filter"}
+        for attack in ATTACKS
+    ]  # fmt: skip
+
+    results = {
+        "cells": cells,
+        "extra_cells": extra_cells,
+        "study": [{"defense": d, "attack": a, "accuracy_pct": v} for (d, a), v in STUDY.items()],
+        "attack_stats": {
+            "fgsm": {"eps": eps, "norm": "linf"},
+            "deepfool": {**df_kwargs, "norm_kind": df_kwargs.get("norm", "l2"), "per_model": stats},
+        },
+        "config": {name: cfg.to_dict() for name, cfg in cfgs.items()},
+        "data": {"source": splits.source, "train": len(splits.train.labels), "val": len(splits.val.labels),
+                 "test": len(test.labels)},  # fmt: skip
+        "seed": seed,
+        "environment": environment or {},
+        "phase_seconds": {name: p["seconds"] for name, p in phases.items()},
+    }
+    checkpoint.write_json_atomic(out / "results.json", results)
+    _write_markdown(results, out / "results.md")
+
+    plots.training_curves({name: models[name][2] for name in DEFENSES}, out / "training_curves.png")
+    plots.deepfool_norms({d: ev["attacks"]["deepfool"]["norms"] for d, ev in
+                          (("none", ev_none), ("adversarial_training", ev_at))}, out / "deepfool_norms.png")  # fmt: skip
+    apply_fn, variables, _ = models["none"]
+    idx = np.arange(8)
+    x_clean = test.images[idx].astype(np.float32) / 255.0
+    x_f = np.load(adv_dir / "fgsm.npy", mmap_mode="r")[idx]
+    x_d = np.load(adv_dir / "deepfool.npy", mmap_mode="r")[idx]
+    preds = [np.asarray(apply_fn(variables, v)).argmax(-1) for v in (x_clean, x_f, x_d)]
+    plots.adversarial_gallery(x_clean, x_f, x_d, test.labels[idx], preds, splits.class_names, out / "gallery.png")
+    return results
+
+
+def _fmt(v):
+    return "–" if v is None else f"{v:.1f}"
+
+
+def _write_markdown(results: dict, path: Path) -> None:
+    ours = {(c["defense"], c["attack"]): c["accuracy_pct"] for c in results["cells"] + results["extra_cells"]}
+    lines = [
+        "Test accuracy (%) — ours / the study's / difference (ours − study).",
+        "",
+        "| defense \\ attack | " + " | ".join(ATTACKS) + " |",
+        "|---|" + "---|" * len(ATTACKS),
+    ]
+    for d in DEFENSES:
+        row = []
+        for a in ATTACKS:
+            o, s = ours[(d, a)], STUDY[(d, a)]
+            row.append(f"{o:.1f} / {_fmt(s)} / " + ("–" if s is None else f"{o - s:+.1f}"))
+        lines.append(f"| {d} | " + " | ".join(row) + " |")
+    lines.append(
+        "| median_squeezing, no test-time filter | "
+        + " | ".join(f"{ours[('median_squeezing_unfiltered', a)]:.1f} / – / –" for a in ATTACKS) + " |"
+    )
+    n = results["data"]["test"]
+    lines += ["", f"n = {n} test images; FGSM eps = {results['attack_stats']['fgsm']['eps']}; "
+              f"data: {results['data']['source']}."]  # fmt: skip
+    for d, st in results["attack_stats"]["deepfool"]["per_model"].items():
+        lines.append(
+            f"DeepFool on {d}: fooled {st['success_rate_correct_pct']:.1f}% of the {st['n_correct']} correctly "
+            f"classified images; L2 mean {st['norm_mean']:.3f}, median {st['norm_median']:.3f}; "
+            f"iterations mean {st['iterations_mean']:.2f}, max {st['iterations_max']}."
+        )
+    lines += ["", "Phase wall times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in results["phase_seconds"].items())]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
