@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--eps", type=float, default=0.1, help="FGSM eps for the attack and adversarial training")
     st.add_argument("--deepfool-max-iter", type=_positive_int, default=50, help="DeepFool iteration limit")
     st.add_argument("--deepfool-overshoot", type=float, default=0.02, help="DeepFool overshoot")
+    st.add_argument(
+        "--clean-run", default=None,
+        help="reuse a finished 'jaxadv train' run directory as the clean model (its own config and budget)",
+    )  # fmt: skip
     st.add_argument("--attack-batch", type=_positive_int, default=500, help="batch size for attacks and evaluation")
 
     e = sub.add_parser(
@@ -269,7 +273,7 @@ def cmd_study(args, log) -> int:
         splits, args.out, base=cfg, eps=args.eps, seed=args.seed,
         deepfool_kwargs={"max_iter": args.deepfool_max_iter, "overshoot": args.deepfool_overshoot},
         attack_batch=args.attack_batch, augment_fn=augment_fn(cfg), progress=not args.no_progress,
-        log=log.info, environment=environment(),
+        log=log.info, environment=environment(), clean_run=args.clean_run,
     )  # fmt: skip
     print(Path(args.out, "results.md").read_text())
     return 0 if results else 1

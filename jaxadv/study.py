@@ -43,9 +43,13 @@ _TRAINING_DEFENSE = {"none": "none", "adversarial_training": "fgsm_at", "median_
 
 
 def model_configs(base: TrainConfig, eps: float) -> dict[str, TrainConfig]:
-    """The three training configs of the study, from one base preset."""
+    """The three training configs of the study, from one base preset.
+
+    They equal what `jaxadv train --config NAME --defense D --eps EPS` builds, so a model
+    trained on its own into OUT/models/<defense>/ is picked up by the study as finished.
+    """
     return {
-        name: base.replace(defense=_TRAINING_DEFENSE[name], defense_eps=eps, name=f"{base.name}-{name}")
+        name: base.replace(defense=_TRAINING_DEFENSE[name], defense_eps=eps if name == "adversarial_training" else base.defense_eps)
         for name in DEFENSES
     }
 
@@ -63,6 +67,7 @@ def run(
     progress: bool = True,
     log: Callable[[str], None] = print,
     environment: dict | None = None,
+    clean_run: str | Path | None = None,
 ) -> dict:
     """Train (or reuse) the three models and evaluate every cell; write OUT/results.{json,md} and plots.
 
@@ -78,6 +83,8 @@ def run(
       progress: show progress bars.
       log: one-line progress messages.
       environment: device/versions record stored in results.json.
+      clean_run: reuse this finished `jaxadv train` run (its directory) as the clean model
+        instead of training one with `base` (its own config and budget are recorded).
 
     Returns:
       the results dict written to OUT/results.json.
@@ -125,6 +132,19 @@ def run(
                 "epochs": len(result.history), "stopped_early": result.stopped_early,
                 "train_seconds": sum(h["seconds"] for h in result.history), "config": cfg.to_dict(),
             }  # fmt: skip
+
+        if name == "none" and clean_run is not None:
+            ckpt_dir = Path(clean_run) / "checkpoints"
+
+            def train_phase(ckpt_dir=ckpt_dir):
+                _, _, cfg_used, meta = train.load_trained(str(ckpt_dir))
+                if cfg_used.defense != "none":
+                    raise ValueError(f"--clean-run {clean_run} was trained with defense {cfg_used.defense!r}, not none")
+                history = meta["history"]
+                return {
+                    "epochs": len(history), "reused": str(clean_run), "config": cfg_used.to_dict(),
+                    "train_seconds": sum(h["seconds"] for h in history),
+                }  # fmt: skip
 
         phase(f"train_{name}", train_phase)
         apply_fn, variables, _, meta = train.load_trained(str(ckpt_dir))
@@ -207,7 +227,8 @@ def run(
             "fgsm": {"eps": eps, "norm": "linf"},
             "deepfool": {**df_kwargs, "norm_kind": df_kwargs.get("norm", "l2"), "per_model": stats},
         },
-        "config": {name: cfg.to_dict() for name, cfg in cfgs.items()},
+        "config": {name: phases[f"train_{name}"]["config"] for name in DEFENSES},
+        "training": {name: {k: v for k, v in phases[f"train_{name}"].items() if k != "config"} for name in DEFENSES},
         "data": {"source": splits.source, "train": len(splits.train.labels), "val": len(splits.val.labels),
                  "test": len(test.labels)},  # fmt: skip
         "seed": seed,
