@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxadv import squeeze
-from jaxadv.attacks.fgsm import _fgsm
+from jaxadv.attacks.fgsm import fgsm
 from jaxadv.configs import TrainConfig
 from jaxadv.train import identity_transform
 from jaxadv.types import ApplyFn, Array, BatchTransform
@@ -38,7 +38,7 @@ def fgsm_adversarial_transform(variables, x: Array, y: Array, key, *, apply_fn: 
     k = int(round(adv_weight * x.shape[0]))
     if k == 0:
         return x, y
-    x_adv = jax.lax.stop_gradient(_fgsm(apply_fn, variables, x[:k], y[:k], eps, 0.0, 1.0, False))
+    x_adv = jax.lax.stop_gradient(fgsm(apply_fn, variables, x[:k], y[:k], eps=eps))
     return jnp.concatenate([x_adv, x[k:]], axis=0), y
 
 
