@@ -187,30 +187,24 @@ def augment_fn(cfg):
     return functools.partial(data.augment, pad=4, pad_mode=cfg.pad_mode, flip=True) if cfg.augment else None
 
 
-def cmd_train(args, log) -> int:
-    import jax
-    import numpy as np
+def _check_eps(eps: float) -> None:
+    if not 0 <= eps <= 1:
+        raise UsageError(f"--eps must be in [0, 1] (pixel units), got {eps}")
 
-    from jaxadv import checkpoint, data, defenses, plots, train
+
+def _config(args, **overrides):
+    """The named preset with the flags that override it (--epochs, --val-size, ...)."""
     from jaxadv.configs import get_config
 
-    cfg = get_config(args.config)
-    overrides = {}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     if args.val_size is not None:
         overrides["val_size"] = args.val_size
-    if args.defense is not None:
-        overrides["defense"] = args.defense
-    if args.eps is not None:
-        if args.eps < 0 or args.eps > 1:
-            raise UsageError(f"--eps must be in [0, 1] (pixel units), got {args.eps}")
-        overrides["defense_eps"] = args.eps
-    cfg = cfg.replace(**overrides)
-    out = Path(args.out)
-    ckpt_dir = out / "checkpoints"
-    if checkpoint.latest_step(ckpt_dir) is not None and not args.resume:
-        raise UsageError(f"{ckpt_dir} already has checkpoints: pass --resume to continue, or choose a new --out")
+    return get_config(args.config).replace(**overrides)
+
+
+def _load_splits(args, cfg, log):
+    from jaxadv import data
 
     splits = data.load(
         args.data, cache_dir=args.cache_dir, val_size=cfg.val_size, train_subset=args.train_subset,
@@ -218,6 +212,27 @@ def cmd_train(args, log) -> int:
     )  # fmt: skip
     log.info("data: %s: train %d, val %d, test %d", splits.source, len(splits.train.labels), len(splits.val.labels),
              len(splits.test.labels))  # fmt: skip
+    return splits
+
+
+def cmd_train(args, log) -> int:
+    import jax
+    import numpy as np
+
+    from jaxadv import checkpoint, defenses, plots, train
+
+    overrides = {}
+    if args.defense is not None:
+        overrides["defense"] = args.defense
+    if args.eps is not None:
+        _check_eps(args.eps)
+        overrides["defense_eps"] = args.eps
+    cfg = _config(args, **overrides)
+    out = Path(args.out)
+    ckpt_dir = out / "checkpoints"
+    if checkpoint.latest_step(ckpt_dir) is not None and not args.resume:
+        raise UsageError(f"{ckpt_dir} already has checkpoints: pass --resume to continue, or choose a new --out")
+    splits = _load_splits(args, cfg, log)
     t0 = time.perf_counter()
     result = train.fit(
         cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
@@ -249,26 +264,13 @@ def cmd_train(args, log) -> int:
 
 
 def cmd_study(args, log) -> int:
-    from jaxadv import data, study
-    from jaxadv.configs import get_config
+    from jaxadv import study
 
-    if not 0 <= args.eps <= 1:
-        raise UsageError(f"--eps must be in [0, 1] (pixel units), got {args.eps}")
+    _check_eps(args.eps)
     if args.deepfool_overshoot < 0:
         raise UsageError(f"--deepfool-overshoot must be >= 0, got {args.deepfool_overshoot}")
-    cfg = get_config(args.config)
-    overrides = {}
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    if args.val_size is not None:
-        overrides["val_size"] = args.val_size
-    cfg = cfg.replace(**overrides)
-    splits = data.load(
-        args.data, cache_dir=args.cache_dir, val_size=cfg.val_size, train_subset=args.train_subset,
-        test_subset=args.test_subset, seed=args.seed, progress=not args.no_progress,
-    )  # fmt: skip
-    log.info("data: %s: train %d, val %d, test %d", splits.source, len(splits.train.labels), len(splits.val.labels),
-             len(splits.test.labels))  # fmt: skip
+    cfg = _config(args)
+    splits = _load_splits(args, cfg, log)
     results = study.run(
         splits, args.out, base=cfg, eps=args.eps, seed=args.seed,
         deepfool_kwargs={"max_iter": args.deepfool_max_iter, "overshoot": args.deepfool_overshoot},
