@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from jaxadv import models
-from jaxadv.attacks import REGISTRY, DeepFoolResult, deepfool, fgsm, fgsm_jit
+from jaxadv.attacks import REGISTRY, DeepFoolResult, deepfool, fgsm, fgsm_jit, pgd
 # `jaxadv.attacks.deepfool` is the function; the module is reached through importlib.
 deepfool_module = importlib.import_module("jaxadv.attacks.deepfool")
 from jaxadv.attacks.fgsm import summed_cross_entropy
@@ -427,7 +427,7 @@ def test_deepfool_host_driver_under_jit_raises():
 
 
 def test_registry():
-    assert REGISTRY["fgsm"] is fgsm and REGISTRY["deepfool"] is deepfool
+    assert REGISTRY["fgsm"] is fgsm and REGISTRY["deepfool"] is deepfool and REGISTRY["pgd"] is pgd
 
 
 # ---------------------------------------------------------------------------------------
@@ -554,3 +554,57 @@ def test_deepfool_cnn_drivers_and_jacobians_agree(trained_cnn):
         np.testing.assert_allclose(np.asarray(res.x_adv), np.asarray(ref.x_adv), atol=1e-5)
         np.testing.assert_array_equal(np.asarray(res.iterations), np.asarray(ref.iterations))
         np.testing.assert_array_equal(np.asarray(res.success), np.asarray(ref.success))
+
+
+# ---------------------------------------------------------------------------------------
+# PGD
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.05), ("l2", 0.5)])
+def test_pgd_stays_in_the_eps_ball_and_the_box(norm, eps):
+    params = make_linear(0, 5, scale=3.0)
+    x = uniform_images(1, 6, 0.0, 1.0)  # some pixels at the box edges
+    y = jnp.arange(6) % 5
+    x_adv = pgd(linear_apply, params, x, y, eps=eps, step_size=eps / 4, steps=10, norm=norm, restarts=2,
+                key=jax.random.key(0))  # fmt: skip
+    d = np.asarray(x_adv - x).reshape(6, -1)
+    size = np.abs(d).max(1) if norm == "linf" else np.linalg.norm(d, axis=1)
+    assert np.all(size <= eps + 1e-5)
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+
+
+def test_pgd_one_step_from_x_is_fgsm():
+    params = make_linear(2, 4)
+    x = uniform_images(3, 5, 0.2, 0.8)
+    y = jnp.arange(5) % 4
+    a = pgd(linear_apply, params, x, y, eps=0.03, step_size=0.03, steps=1, random_start=False)
+    np.testing.assert_allclose(a, fgsm(linear_apply, params, x, y, eps=0.03), atol=1e-6)
+
+
+def test_pgd_needs_a_key_for_random_starts():
+    params = make_linear(0, 3)
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        pgd(linear_apply, params, uniform_images(0, 2, 0.2, 0.8), jnp.zeros(2, jnp.int32), eps=0.1, step_size=0.1,
+            steps=1)  # fmt: skip
+
+
+def test_pgd_is_at_least_as_strong_as_fgsm_on_a_trained_cnn(trained_cnn):
+    apply_fn, params, x, correct = trained_cnn
+    y = jnp.argmax(apply_fn(params, x), -1)
+    eps = 0.03
+    acc = lambda z: float(jnp.mean(jnp.argmax(apply_fn(params, z), -1) == y))  # noqa: E731
+    acc_fgsm = acc(fgsm(apply_fn, params, x, y, eps=eps))
+    acc_pgd = acc(pgd(apply_fn, params, x, y, eps=eps, step_size=eps / 4, steps=10, key=jax.random.key(0)))
+    assert acc_pgd <= acc_fgsm
+    assert acc_pgd < 1.0  # the budget is large enough to fool some examples
+
+
+def test_pgd_restarts_keep_the_strongest_per_example(trained_cnn):
+    apply_fn, params, x, _ = trained_cnn
+    y = jnp.argmax(apply_fn(params, x), -1)
+    kw = dict(eps=0.02, step_size=0.005, steps=3, key=jax.random.key(1))
+    fooled = lambda z: np.asarray(jnp.argmax(apply_fn(params, z), -1) != y)  # noqa: E731
+    one = fooled(pgd(apply_fn, params, x, y, restarts=1, **kw))
+    four = fooled(pgd(apply_fn, params, x, y, restarts=4, **kw))
+    assert np.all(four >= one)  # restart 0 is the same run; later ones can only add successes

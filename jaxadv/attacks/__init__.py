@@ -8,10 +8,12 @@ returns a `DeepFoolResult`, so callers that pick attacks by name must dispatch o
 
 from jaxadv.attacks.deepfool import DeepFoolResult, deepfool
 from jaxadv.attacks.fgsm import fgsm, fgsm_jit
+from jaxadv.attacks.pgd import pgd
 
 REGISTRY = {
     "fgsm": fgsm,
     "deepfool": deepfool,
+    "pgd": pgd,
 }
 
-__all__ = ["REGISTRY", "DeepFoolResult", "deepfool", "fgsm", "fgsm_jit"]
+__all__ = ["REGISTRY", "DeepFoolResult", "deepfool", "fgsm", "fgsm_jit", "pgd"]
