@@ -238,7 +238,7 @@ def cmd_train(args, log) -> int:
         cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
         key=jax.random.key(args.seed), num_classes=len(splits.class_names),
         batch_transform=defenses.batch_transform(cfg), augment_fn=augment_fn(cfg),
-        ckpt_dir=str(ckpt_dir), resume=args.resume,
+        eval_squeezer=defenses.eval_squeezer(cfg), ckpt_dir=str(ckpt_dir), resume=args.resume,
         extra_meta={"data": splits.source, "seed": args.seed, "class_names": list(splits.class_names)},
         progress=not args.no_progress, log=log.info,
     )  # fmt: skip
@@ -246,8 +246,9 @@ def cmd_train(args, log) -> int:
     history = result.history
     checkpoint.write_json_atomic(out / "history.json", history)
     plots.training_curves({cfg.name: history}, out / "curves.png")
-    summary = train.evaluate(train.make_apply(result.state.model), result.state.variables, splits.test.images,
-                             splits.test.labels)  # fmt: skip
+    # As the defense deploys the model (median-filtered inputs for --defense median).
+    deployed = defenses.defended_apply(cfg, train.make_apply(result.state.model))
+    summary = train.evaluate(deployed, result.state.variables, splits.test.images, splits.test.labels)
     summary.update(
         epochs=len(history),
         seconds=sum(h["seconds"] for h in history),
@@ -284,7 +285,7 @@ def cmd_study(args, log) -> int:
 def cmd_evaluate(args, log) -> int:
     import jax  # noqa: F401
 
-    from jaxadv import checkpoint, data, train
+    from jaxadv import checkpoint, data, defenses, train
 
     ckpt_dir = _resolve_ckpt_dir(args.checkpoint)
     apply_fn, variables, cfg, meta = train.load_trained(str(ckpt_dir))
@@ -292,7 +293,8 @@ def cmd_evaluate(args, log) -> int:
         args.data, cache_dir=args.cache_dir, val_size=0, test_subset=args.test_subset, seed=args.seed,
         progress=not args.no_progress,
     )  # fmt: skip
-    summary = train.evaluate(apply_fn, variables, splits.test.images, splits.test.labels)
+    summary = train.evaluate(defenses.defended_apply(cfg, apply_fn), variables, splits.test.images,
+                             splits.test.labels)  # fmt: skip
     summary.update(epochs=len(meta.get("history", [])), seconds=sum(h["seconds"] for h in meta.get("history", [])),
                    checkpoint=str(ckpt_dir), data=splits.source, split="test", environment=environment())  # fmt: skip
     if args.out:

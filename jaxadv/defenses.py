@@ -64,3 +64,19 @@ def batch_transform(cfg: TrainConfig, apply_fn: ApplyFn | None = None) -> BatchT
             fgsm_adversarial_transform, apply_fn=apply_fn, eps=cfg.defense_eps, adv_weight=cfg.adv_weight
         )
     raise ValueError(f"unknown defense {cfg.defense!r}; expected none, median or fgsm_at")
+
+
+def eval_squeezer(cfg: TrainConfig):
+    """The test-time input transform that belongs to `cfg.defense` (None if there is none).
+
+    A model trained on median-filtered images is used as `apply(params, median(x))`.
+    """
+    if cfg.defense == "median":
+        return squeeze.median_squeezer(cfg.median_size)
+    return None
+
+
+def defended_apply(cfg: TrainConfig, apply_fn: ApplyFn) -> ApplyFn:
+    """The classifier as the defense deploys it: `apply_fn`, composed with its squeezer if any."""
+    sq = eval_squeezer(cfg)
+    return apply_fn if sq is None else squeeze.squeezed(apply_fn, sq)

@@ -123,6 +123,7 @@ def run(
                 cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
                 key=jax.random.key(seed), num_classes=num_classes,
                 batch_transform=defenses.batch_transform(cfg, apply_fn), augment_fn=augment_fn,
+                eval_squeezer=defenses.eval_squeezer(cfg),
                 ckpt_dir=str(ckpt_dir), resume=True, progress=progress,
                 extra_meta={"data": splits.source, "seed": seed, "class_names": list(splits.class_names)},
                 log=lambda s, name=name: log(f"[train {name}] {s}"),

@@ -262,6 +262,7 @@ def fit(
     num_classes: int = 10,
     batch_transform: BatchTransform = identity_transform,
     augment_fn: Callable | None = None,
+    eval_squeezer: Callable | None = None,
     ckpt_dir: str | None = None,
     resume: bool = False,
     extra_meta: dict | None = None,
@@ -284,6 +285,9 @@ def fit(
       key: root PRNG key of the run.
       batch_transform: `(variables, x, y, key) -> (x', y')`, e.g. a defense.
       augment_fn: `(key, x_u8) -> x_u8` batch augmentation (None: none).
+      eval_squeezer: test-time input transform of the defended classifier (e.g. the
+        median filter for a model trained on filtered images); validation, and so early
+        stopping and best-params selection, sees the inputs as the defense will.
       ckpt_dir: where to write checkpoints (None: don't).
       resume: continue from the latest checkpoint in `ckpt_dir`.
       extra_meta: JSON-serializable extras stored with each checkpoint (e.g. data source).
@@ -337,6 +341,10 @@ def fit(
         donate_argnums=(0,),
     )  # fmt: skip
     apply_fn = make_apply(model)
+    if eval_squeezer is not None:
+        from jaxadv.squeeze import squeezed
+
+        apply_fn = squeezed(apply_fn, eval_squeezer)
     state = jax.device_put(state, repl)
     images = jax.device_put(train_images, repl)
     labels = jax.device_put(train_labels, repl)

@@ -61,3 +61,19 @@ def test_fgsm_adversarial_training_raises_fgsm_accuracy():
         runs[defense], _ = attack_eval(apply_fn, variables, splits.test.images, splits.test.labels, attack=attack,
                                        batch_size=128)  # fmt: skip
     assert runs["fgsm_at"]["accuracy_pct"] > runs["none"]["accuracy_pct"] + 10, runs
+
+
+def test_median_model_is_validated_and_deployed_through_the_filter():
+    splits = data.synthetic(128, 32, num_classes=4, val_size=32, seed=6)
+    cfg = TINY.replace(defense="median", epochs=1)
+    apply_fn = make_apply(train.create_model(cfg, 4))
+    deployed = defenses.defended_apply(cfg, apply_fn)
+    assert deployed is squeeze.squeezed(apply_fn, squeeze.median_squeezer(3))
+    assert defenses.defended_apply(TINY, apply_fn) is apply_fn
+    res = train.fit(cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
+                    key=jax.random.key(0), num_classes=4, batch_transform=defenses.batch_transform(cfg),
+                    eval_squeezer=defenses.eval_squeezer(cfg), progress=False)  # fmt: skip
+    val = train.evaluate(deployed, res.state.variables, splits.val.images, splits.val.labels)
+    raw = train.evaluate(apply_fn, res.state.variables, splits.val.images, splits.val.labels)
+    assert res.history[-1]["val_loss"] == pytest.approx(val["loss"], rel=1e-5)
+    assert val["loss"] != pytest.approx(raw["loss"], rel=1e-5)
