@@ -111,13 +111,16 @@ def run(
         log(f"[{name}] finished in {result['seconds']:.0f}s")
         return result
 
-    # --- training -----------------------------------------------------------------------
+    # --- training (a model is trained, or loaded, when a phase first needs it) -----------
     models = {}
-    for name in DEFENSES:
+
+    def model(name: str):
+        if name in models:
+            return models[name]
         cfg = cfgs[name]
         ckpt_dir = out / "models" / name / "checkpoints"
 
-        def train_phase(cfg=cfg, ckpt_dir=ckpt_dir, name=name):
+        def train_phase():
             apply_fn = train.make_apply(train.create_model(cfg, num_classes))
             result = train.fit(
                 cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
@@ -126,7 +129,7 @@ def run(
                 eval_squeezer=defenses.eval_squeezer(cfg),
                 ckpt_dir=str(ckpt_dir), resume=True, progress=progress,
                 extra_meta={"data": splits.source, "seed": seed, "class_names": list(splits.class_names)},
-                log=lambda s, name=name: log(f"[train {name}] {s}"),
+                log=lambda s: log(f"[train {name}] {s}"),
             )  # fmt: skip
             checkpoint.write_json_atomic(out / "models" / name / "history.json", result.history)
             return {
@@ -137,11 +140,16 @@ def run(
         if name == "none" and clean_run is not None:
             ckpt_dir = Path(clean_run) / "checkpoints"
 
-            def train_phase(ckpt_dir=ckpt_dir):
+            def train_phase():
                 _, _, cfg_used, meta = train.load_trained(str(ckpt_dir))
                 if cfg_used.defense != "none":
                     raise ValueError(f"--clean-run {clean_run} was trained with defense {cfg_used.defense!r}, not none")
                 history = meta["history"]
+                if len(history) < cfg_used.epochs and not meta.get("stopped_early"):
+                    raise ValueError(
+                        f"--clean-run {clean_run} has not finished training ({len(history)}/{cfg_used.epochs} epochs); "
+                        "rerun the study when it has"
+                    )
                 return {
                     "epochs": len(history), "reused": str(clean_run), "config": cfg_used.to_dict(),
                     "train_seconds": sum(h["seconds"] for h in history),
@@ -150,6 +158,7 @@ def run(
         phase(f"train_{name}", train_phase)
         apply_fn, variables, _, meta = train.load_trained(str(ckpt_dir))
         models[name] = (apply_fn, variables, meta["history"])
+        return models[name]
 
     # --- attacks ------------------------------------------------------------------------
     def fgsm_attack(apply_fn, variables):
@@ -166,7 +175,7 @@ def run(
         cells.append({"defense": defense, "attack": attack, **keep, **extra})
 
     def eval_phase(defense: str) -> dict:
-        apply_fn, variables, _ = models[defense]
+        apply_fn, variables, _ = model(defense)
         kw = dict(batch_size=attack_batch, progress=progress)
         res = {}
         res["none"], _ = attack_eval(apply_fn, variables, test.images, test.labels, desc=f"{defense}/clean", **kw)
@@ -185,7 +194,7 @@ def run(
         return {"attacks": res}
 
     def transfer_phase() -> dict:
-        apply_fn, variables, _ = models["median_squeezing"]
+        apply_fn, variables, _ = model("median_squeezing")
         filtered = squeeze.squeezed(apply_fn, squeeze.median_squeezer(cfgs["median_squeezing"].median_size))
         kw = dict(batch_size=attack_batch, progress=progress)
         res = {"filtered": {}, "unfiltered": {}}
@@ -197,12 +206,16 @@ def run(
                                                   desc=f"median/{tag}/{attack}", **kw)  # fmt: skip
         return res
 
+    # The defended models first: the clean model may be a --clean-run still in training.
+    ev_at = phase("eval_adversarial_training", lambda: eval_phase("adversarial_training"))
+    model("median_squeezing")
     ev_none = phase("eval_none", lambda: eval_phase("none"))
     if not (adv_dir / "deepfool.npy").exists():  # phase done but its cache deleted: recompute
         (out / "phases" / "eval_none.json").unlink()
         ev_none = phase("eval_none", lambda: eval_phase("none"))
-    ev_at = phase("eval_adversarial_training", lambda: eval_phase("adversarial_training"))
     ev_sq = phase("eval_median_squeezing", transfer_phase)
+    for name in DEFENSES:  # records of all training phases, for results.json and the curves
+        model(name)
 
     stats = {}
     for defense, res in (("none", ev_none["attacks"]), ("adversarial_training", ev_at["attacks"])):
@@ -239,10 +252,10 @@ def run(
     checkpoint.write_json_atomic(out / "results.json", results)
     _write_markdown(results, out / "results.md")
 
-    plots.training_curves({name: models[name][2] for name in DEFENSES}, out / "training_curves.png")
+    plots.training_curves({name: model(name)[2] for name in DEFENSES}, out / "training_curves.png")
     plots.deepfool_norms({d: ev["attacks"]["deepfool"]["norms"] for d, ev in
                           (("none", ev_none), ("adversarial_training", ev_at))}, out / "deepfool_norms.png")  # fmt: skip
-    apply_fn, variables, _ = models["none"]
+    apply_fn, variables, _ = model("none")
     idx = np.arange(8)
     x_clean = test.images[idx].astype(np.float32) / 255.0
     x_f = np.load(adv_dir / "fgsm.npy", mmap_mode="r")[idx]
