@@ -91,10 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
     t.add_argument(
-        "--defense", choices=["none", "median", "fgsm_at"], default=None,
-        help="training-time defense: median-filtered inputs or FGSM adversarial training (default: none)",
+        "--defense", choices=["none", "median", "fgsm_at", "pgd_at", "fast_at"], default=None,
+        help="training-time defense: median-filtered inputs, FGSM, PGD or fast (random-start FGSM) adversarial "
+        "training (default: none)",
     )  # fmt: skip
-    t.add_argument("--eps", type=float, default=None, help="FGSM eps for --defense fgsm_at (pixels in [0,1])")
+    t.add_argument("--eps", type=float, default=None, help="attack eps of adversarial training (pixels in [0,1])")
+    t.add_argument(
+        "--co-guard", type=float, default=None,
+        help="adversarial training: watch PGD accuracy on 512 validation images each epoch, keep the most robust "
+        "params, and stop when it drops this many points below its best (catastrophic overfitting)",
+    )  # fmt: skip
 
     st = sub.add_parser(
         "study",
@@ -227,6 +233,8 @@ def cmd_train(args, log) -> int:
     if args.eps is not None:
         _check_eps(args.eps)
         overrides["defense_eps"] = args.eps
+    if args.co_guard is not None:
+        overrides["co_guard"] = args.co_guard
     cfg = _config(args, **overrides)
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
@@ -239,6 +247,8 @@ def cmd_train(args, log) -> int:
         key=jax.random.key(args.seed), num_classes=len(splits.class_names),
         batch_transform=defenses.batch_transform(cfg), augment_fn=augment_fn(cfg),
         eval_squeezer=defenses.eval_squeezer(cfg), ckpt_dir=str(ckpt_dir), resume=args.resume,
+        robust_eval=defenses.robust_monitor(cfg, train.make_apply(train.create_model(cfg, len(splits.class_names))),
+                                            splits.val.images, splits.val.labels),
         extra_meta={"data": splits.source, "seed": args.seed, "class_names": list(splits.class_names)},
         progress=not args.no_progress, log=log.info,
     )  # fmt: skip

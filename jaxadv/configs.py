@@ -36,10 +36,18 @@ class TrainConfig:
       val_size: examples held out of train for validation / early stopping.
       log_every: steps between host fetches of training metrics.
       defense: training-time batch transform: "none", "median" (train on median-filtered
-        images) or "fgsm_at" (FGSM adversarial training).
-      defense_eps: FGSM eps (pixels in [0, 1]) for "fgsm_at".
-      adv_weight: weight of the adversarial loss term for "fgsm_at" (Goodfellow's 0.5).
+        images), "fgsm_at" (FGSM adversarial training, Goodfellow et al.), "pgd_at"
+        (PGD adversarial training, Madry et al.) or "fast_at" (FGSM from a random start,
+        Wong et al. 2020, "Fast is better than free").
+      defense_eps: L-inf eps (pixels in [0, 1]) of the adversarial training attack.
+      adv_weight: weight of the adversarial loss term for "fgsm_at" (Goodfellow's 0.5);
+        "pgd_at" and "fast_at" train on adversarial examples only, as their papers do.
       median_size: filter size for "median".
+      pgd_steps: PGD steps for "pgd_at" (step size 2.5 * eps / steps).
+      fast_alpha: step of "fast_at" in units of eps (Wong et al.: 1.25).
+      co_guard: if > 0 (adversarial training), measure PGD-10 accuracy on 512 validation
+        images after every epoch, keep the params with the best one, and stop when it
+        falls this many points below its best (catastrophic overfitting).
     """
 
     name: str = "seed"
@@ -64,6 +72,9 @@ class TrainConfig:
     defense_eps: float = 0.1
     adv_weight: float = 0.5
     median_size: int = 3
+    pgd_steps: int = 7
+    fast_alpha: float = 1.25
+    co_guard: float = 0.0
 
     def replace(self, **kwargs: Any) -> "TrainConfig":
         return dataclasses.replace(self, **kwargs)

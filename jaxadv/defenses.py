@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jaxadv import squeeze
 from jaxadv.attacks.fgsm import fgsm
+from jaxadv.attacks.pgd import pgd
 from jaxadv.configs import TrainConfig
 from jaxadv.train import identity_transform
 from jaxadv.types import ApplyFn, Array, BatchTransform
@@ -42,6 +43,18 @@ def fgsm_adversarial_transform(variables, x: Array, y: Array, key, *, apply_fn: 
     return jnp.concatenate([x_adv, x[k:]], axis=0), y
 
 
+def pgd_adversarial_transform(variables, x: Array, y: Array, key, *, apply_fn: ApplyFn, eps: float, steps: int,
+                              step_size: float):  # fmt: skip
+    """Train on PGD examples from a random start (Madry et al. 2018, arXiv:1706.06083).
+
+    With `steps=1` and `step_size=1.25 * eps` this is fast adversarial training (FGSM from
+    a uniform random start; Wong, Rice & Kolter 2020, arXiv:2001.03994).
+    """
+    x_adv = pgd(apply_fn, variables, x, y, eps=eps, step_size=step_size, steps=steps, random_start=True, key=key,
+                jit=False)  # fmt: skip
+    return jax.lax.stop_gradient(x_adv), y
+
+
 def batch_transform(cfg: TrainConfig, apply_fn: ApplyFn | None = None) -> BatchTransform:
     """The batch transform named by `cfg.defense`.
 
@@ -54,16 +67,45 @@ def batch_transform(cfg: TrainConfig, apply_fn: ApplyFn | None = None) -> BatchT
         return identity_transform
     if cfg.defense == "median":
         return functools.partial(median_transform, size=cfg.median_size)
-    if cfg.defense == "fgsm_at":
-        if apply_fn is None:
-            from jaxadv.models import make_apply
-            from jaxadv.train import create_model
+    if cfg.defense not in ("fgsm_at", "pgd_at", "fast_at"):
+        raise ValueError(f"unknown defense {cfg.defense!r}; expected none, median, fgsm_at, pgd_at or fast_at")
+    if apply_fn is None:
+        from jaxadv.models import make_apply
+        from jaxadv.train import create_model
 
-            apply_fn = make_apply(create_model(cfg))
-        return functools.partial(
-            fgsm_adversarial_transform, apply_fn=apply_fn, eps=cfg.defense_eps, adv_weight=cfg.adv_weight
-        )
-    raise ValueError(f"unknown defense {cfg.defense!r}; expected none, median or fgsm_at")
+        apply_fn = make_apply(create_model(cfg))
+    eps = cfg.defense_eps
+    if cfg.defense == "fgsm_at":
+        return functools.partial(fgsm_adversarial_transform, apply_fn=apply_fn, eps=eps, adv_weight=cfg.adv_weight)
+    if cfg.defense == "pgd_at":
+        return functools.partial(pgd_adversarial_transform, apply_fn=apply_fn, eps=eps, steps=cfg.pgd_steps,
+                                 step_size=2.5 * eps / cfg.pgd_steps)  # fmt: skip
+    return functools.partial(pgd_adversarial_transform, apply_fn=apply_fn, eps=eps, steps=1,
+                             step_size=cfg.fast_alpha * eps)  # fmt: skip
+
+
+def robust_monitor(cfg: TrainConfig, apply_fn: ApplyFn, images, labels, *, n: int = 512, steps: int = 10):
+    """`variables -> PGD accuracy (%)` on the first `n` validation images, or None.
+
+    Returned only for adversarial training with `cfg.co_guard > 0`: PGD-`steps` at
+    `cfg.defense_eps`, step eps/4, one fixed random start (the same every epoch, so epochs
+    are compared on the same attack).
+    """
+    if cfg.co_guard <= 0 or cfg.defense not in ("fgsm_at", "pgd_at", "fast_at") or not len(labels):
+        return None
+    import numpy as np
+
+    x = jnp.asarray(np.asarray(images[:n]), jnp.float32) / 255.0
+    y = jnp.asarray(np.asarray(labels[:n]))
+    eps = cfg.defense_eps
+
+    @jax.jit
+    def accuracy(variables):
+        x_adv = pgd(apply_fn, variables, x, y, eps=eps, step_size=eps / 4, steps=steps, key=jax.random.key(0),
+                    jit=False)  # fmt: skip
+        return 100.0 * jnp.mean(jnp.argmax(apply_fn(variables, x_adv), -1) == y)
+
+    return lambda variables: float(accuracy(variables))
 
 
 def eval_squeezer(cfg: TrainConfig):

@@ -127,6 +127,7 @@ def run(
                 key=jax.random.key(seed), num_classes=num_classes,
                 batch_transform=defenses.batch_transform(cfg, apply_fn), augment_fn=augment_fn,
                 eval_squeezer=defenses.eval_squeezer(cfg),
+                robust_eval=defenses.robust_monitor(cfg, apply_fn, splits.val.images, splits.val.labels),
                 ckpt_dir=str(ckpt_dir), resume=True, progress=progress,
                 extra_meta={"data": splits.source, "seed": seed, "class_names": list(splits.class_names)},
                 log=lambda s: log(f"[train {name}] {s}"),

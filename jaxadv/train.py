@@ -263,6 +263,7 @@ def fit(
     batch_transform: BatchTransform = identity_transform,
     augment_fn: Callable | None = None,
     eval_squeezer: Callable | None = None,
+    robust_eval: Callable[[Any], float] | None = None,
     ckpt_dir: str | None = None,
     resume: bool = False,
     extra_meta: dict | None = None,
@@ -288,6 +289,11 @@ def fit(
       eval_squeezer: test-time input transform of the defended classifier (e.g. the
         median filter for a model trained on filtered images); validation, and so early
         stopping and best-params selection, sees the inputs as the defense will.
+      robust_eval: `variables -> robust validation accuracy (%)`, run after every epoch
+        (e.g. PGD on a validation batch). When given, the best params are those with the
+        highest robust accuracy (Rice et al. 2020), and with `cfg.co_guard > 0` training
+        stops once robust accuracy falls `co_guard` points below its best: the signature
+        of catastrophic overfitting in fast adversarial training (Wong et al. 2020).
       ckpt_dir: where to write checkpoints (None: don't).
       resume: continue from the latest checkpoint in `ckpt_dir`.
       extra_meta: JSON-serializable extras stored with each checkpoint (e.g. data source).
@@ -305,7 +311,8 @@ def fit(
     lr_fn = create_learning_rate_fn(cfg, steps_per_epoch)
     tx = create_optimizer(cfg, lr_fn)
     state = create_train_state(model, tx, init_key, train_images.shape[1:])
-    best = {**_copy_best(state), "val_loss": math.inf, "bad_epochs": 0}
+    # `score`: lower is better; validation loss, or minus robust accuracy with robust_eval.
+    best = {**_copy_best(state), "score": math.inf, "bad_epochs": 0}
     history: list[dict] = []
     start_epoch = 0
 
@@ -321,7 +328,7 @@ def fit(
         )
         best = {
             "params": tree["best_params"], "batch_stats": tree["best_batch_stats"],
-            "val_loss": float(meta["best_val_loss"]), "bad_epochs": meta["bad_epochs"],
+            "score": float(meta.get("best_score", meta.get("best_val_loss"))), "bad_epochs": meta["bad_epochs"],
         }  # fmt: skip
         history = meta["history"]
         start_epoch = meta["epoch"] + 1
@@ -387,13 +394,21 @@ def fit(
         if val_labels is not None and len(val_labels):
             val = evaluate(apply_fn, state.variables, val_images, val_labels)
             record.update(val_loss=val["loss"], val_accuracy_pct=val["accuracy_pct"])
-            if val["loss"] < best["val_loss"]:
-                best = {**_copy_best(state), "val_loss": val["loss"], "bad_epochs": 0}
+            score = val["loss"]
+            if robust_eval is not None:
+                record["val_robust_accuracy_pct"] = robust_eval(state.variables)
+                score = -record["val_robust_accuracy_pct"]
+            collapsed = bool(robust_eval is not None and cfg.co_guard and score > best["score"] + cfg.co_guard)
+            if score < best["score"]:
+                best = {**_copy_best(state), "score": score, "bad_epochs": 0}
             else:
                 best["bad_epochs"] += 1
         else:
-            best = {**_copy_best(state), "val_loss": math.inf, "bad_epochs": 0}
-        stopped_early = bool(cfg.patience and best["bad_epochs"] >= cfg.patience)
+            best = {**_copy_best(state), "score": math.inf, "bad_epochs": 0}
+            collapsed = False
+        if collapsed:
+            log(f"robust validation accuracy fell by more than {cfg.co_guard} points: catastrophic overfitting")
+        stopped_early = bool(cfg.patience and best["bad_epochs"] >= cfg.patience) or collapsed
         record["stopped_early"] = stopped_early
         history.append(record)
         log(
@@ -405,12 +420,13 @@ def fit(
             meta = {
                 "config": cfg.to_dict(), "epoch": epoch, "history": history, "num_classes": num_classes,
                 "image_shape": list(train_images.shape[1:]),
-                "best_val_loss": best["val_loss"], "bad_epochs": best["bad_epochs"], "stopped_early": stopped_early, **(extra_meta or {}),
+                "best_score": best["score"], "bad_epochs": best["bad_epochs"], "stopped_early": stopped_early, **(extra_meta or {}),
             }  # fmt: skip
             tree = _checkpoint_tree(state, best["params"], best["batch_stats"], train_key)
             checkpoint.save(ckpt_dir, epoch, tree, _json_safe(meta))
         if stopped_early:
-            log(f"early stop: validation loss has not improved for {cfg.patience} epochs")
+            if not collapsed:
+                log(f"early stop: the validation score has not improved for {cfg.patience} epochs")
             break
 
     state = state.replace(params=best["params"], batch_stats=best["batch_stats"])

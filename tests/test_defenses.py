@@ -77,3 +77,58 @@ def test_median_model_is_validated_and_deployed_through_the_filter():
     raw = train.evaluate(apply_fn, res.state.variables, splits.val.images, splits.val.labels)
     assert res.history[-1]["val_loss"] == pytest.approx(val["loss"], rel=1e-5)
     assert val["loss"] != pytest.approx(raw["loss"], rel=1e-5)
+
+
+def test_fast_and_pgd_transforms_are_random_start_pgd(getkey):
+    from jaxadv.attacks import pgd
+
+    model = tiny_cnn(num_classes=3)
+    apply_fn = make_apply(model)
+    params = init_params(model, getkey())
+    x = jax.random.uniform(getkey(), (4, 32, 32, 3))
+    y = jnp.arange(4) % 3
+    key = getkey()
+    for defense, steps, step in (("fast_at", 1, 1.25 * 0.03), ("pgd_at", 7, 2.5 * 0.03 / 7)):
+        cfg = TINY.replace(defense=defense, defense_eps=0.03)
+        x2, y2 = defenses.batch_transform(cfg, apply_fn)(params, x, y, key)
+        ref = pgd(apply_fn, params, x, y, eps=0.03, step_size=step, steps=steps, key=key)
+        np.testing.assert_allclose(x2, ref, atol=1e-6)
+        assert float(jnp.abs(x2 - x).max()) <= 0.03 + 1e-6 and float(jnp.abs(x2 - x).max()) > 0.01
+
+
+def test_catastrophic_overfitting_guard_stops_and_keeps_the_most_robust_params():
+    splits = data.synthetic(128, 32, num_classes=4, val_size=32, seed=8)
+    robust = iter([40.0, 60.0, 20.0, 70.0])
+    seen = []
+
+    def robust_eval(variables):
+        seen.append(jax.tree.map(np.asarray, variables))
+        return next(robust)
+
+    cfg = TINY.replace(epochs=4, co_guard=30.0)
+    res = train.fit(cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
+                    key=jax.random.key(0), num_classes=4, robust_eval=robust_eval, progress=False)  # fmt: skip
+    assert res.stopped_early and len(res.history) == 3  # 60 -> 20 is a drop of 40 > 30
+    assert [h["val_robust_accuracy_pct"] for h in res.history] == [40.0, 60.0, 20.0]
+    for a, b in zip(jax.tree.leaves(res.state.variables), jax.tree.leaves(seen[1])):
+        np.testing.assert_array_equal(np.asarray(a), b)  # epoch 2's params: the most robust
+
+
+def test_fast_adversarial_training_beats_clean_training_under_pgd():
+    from jaxadv.attacks import pgd
+
+    splits = data.synthetic(768, 256, num_classes=4, val_size=64, seed=5)
+    eps = 0.15
+    acc = {}
+    for defense in ("none", "fast_at"):
+        cfg = TINY.replace(defense=defense, defense_eps=eps, epochs=5)
+        apply_fn = make_apply(train.create_model(cfg, 4))
+        res = train.fit(cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
+                        key=jax.random.key(0), num_classes=4, batch_transform=defenses.batch_transform(cfg, apply_fn),
+                        progress=False)  # fmt: skip
+        v = res.state.variables
+        attack = lambda x, y, apply_fn=apply_fn, v=v: pgd(apply_fn, v, x, y, eps=eps, step_size=eps / 4, steps=10,  # noqa: E731
+                                                          key=jax.random.key(1))
+        acc[defense], _ = attack_eval(apply_fn, v, splits.test.images, splits.test.labels, attack=attack,
+                                      batch_size=128)  # fmt: skip
+    assert acc["fast_at"]["accuracy_pct"] > acc["none"]["accuracy_pct"] + 10, acc
