@@ -16,6 +16,6 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     defaults = {"--config": "fast", "--epochs": "8", "--eps": "0.1"}
     for flag, value in defaults.items():
-        if flag not in args:
+        if not any(a == flag or a.startswith(flag + "=") for a in args):
             args += [flag, value]
     sys.exit(cli.main(["study", *args]))

@@ -71,8 +71,15 @@ def _add_data_flags(p: argparse.ArgumentParser, *, train: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jaxadv",
         description="Adversarial robustness of image classifiers in JAX: train, evaluate, attack, defend.",
     )
@@ -194,8 +201,19 @@ def augment_fn(cfg):
 
 
 def _check_eps(eps: float) -> None:
-    if not 0 <= eps <= 1:
+    if not 0 <= eps <= 1:  # also rejects NaN
         raise UsageError(f"--eps must be in [0, 1] (pixel units), got {eps}")
+
+
+def _check_writable(out: Path) -> None:
+    """Fail now, not after the first epoch, if OUT cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
 
 
 def _config(args, **overrides):
@@ -240,15 +258,16 @@ def cmd_train(args, log) -> int:
     ckpt_dir = out / "checkpoints"
     if checkpoint.latest_step(ckpt_dir) is not None and not args.resume:
         raise UsageError(f"{ckpt_dir} already has checkpoints: pass --resume to continue, or choose a new --out")
+    _check_writable(out)
     splits = _load_splits(args, cfg, log)
+    apply_fn = train.make_apply(train.create_model(cfg, len(splits.class_names)))
     t0 = time.perf_counter()
     result = train.fit(
         cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
         key=jax.random.key(args.seed), num_classes=len(splits.class_names),
-        batch_transform=defenses.batch_transform(cfg), augment_fn=augment_fn(cfg),
+        batch_transform=defenses.batch_transform(cfg, apply_fn), augment_fn=augment_fn(cfg),
         eval_squeezer=defenses.eval_squeezer(cfg), ckpt_dir=str(ckpt_dir), resume=args.resume,
-        robust_eval=defenses.robust_monitor(cfg, train.make_apply(train.create_model(cfg, len(splits.class_names))),
-                                            splits.val.images, splits.val.labels),
+        robust_eval=defenses.robust_monitor(cfg, apply_fn, splits.val.images, splits.val.labels),
         extra_meta={"data": splits.source, "seed": args.seed, "class_names": list(splits.class_names)},
         progress=not args.no_progress, log=log.info,
     )  # fmt: skip
@@ -277,9 +296,16 @@ def cmd_train(args, log) -> int:
 def cmd_study(args, log) -> int:
     from jaxadv import study
 
+    import math
+
+    from jaxadv import checkpoint
+
     _check_eps(args.eps)
-    if args.deepfool_overshoot < 0:
-        raise UsageError(f"--deepfool-overshoot must be >= 0, got {args.deepfool_overshoot}")
+    if not (math.isfinite(args.deepfool_overshoot) and args.deepfool_overshoot >= 0):
+        raise UsageError(f"--deepfool-overshoot must be a finite number >= 0, got {args.deepfool_overshoot}")
+    if args.clean_run is not None:
+        checkpoint.read_meta(_resolve_ckpt_dir(args.clean_run))  # a typo fails now, not after hours of training
+    _check_writable(Path(args.out))
     cfg = _config(args)
     splits = _load_splits(args, cfg, log)
     results = study.run(
@@ -355,14 +381,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args, log)
-    except (UsageError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (UsageError, DataError, CheckpointError, ValueError, FloatingPointError) as e:
+        # ValueError: bad argument values surfacing from the library; FloatingPointError: a
+        # diverged training run. Both are the user's to fix, not a bug to debug.
         print(f"jaxadv {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # bad argument values surfacing from the library
-        print(f"jaxadv {args.command}: error: {e}", file=sys.stderr)
+    except OSError as e:  # unwritable output, a directory where a file was expected, ...
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"jaxadv {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"jaxadv {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        again = {"train": "rerun with --resume", "study": "rerun the same command"}.get(args.command, "rerun")
+        print(f"jaxadv {args.command}: interrupted; {again} to continue", file=sys.stderr)
         return 130
 
 

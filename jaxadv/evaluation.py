@@ -48,7 +48,8 @@ def attack_eval(
       (summary, x_adv or None). summary has "accuracy_pct", "loss", "n"; for DeepFool also
       "success_rate_pct" (prediction changed), "success_rate_correct_pct" (over examples
       the model classified correctly), "l2_mean", "l2_median" (or the attack's norm),
-      "iterations_mean", "iterations_max", and "norms" (per-example, for plots).
+      "iterations_mean", "iterations_max", "accuracy_label_aware_pct" (accuracy had
+      misclassified inputs been left unattacked), and "norms" (of successful attacks).
     """
     from tqdm.auto import tqdm
 
@@ -85,6 +86,10 @@ def _deepfool_stats(extras, labels, images, apply_fn, params, batch_size) -> dic
     clean_pred = predict(apply_fn, params, images, batch_size=batch_size)
     correct = clean_pred == labels
     return {
+        # DeepFool's reference class is the prediction, so it also moves misclassified
+        # inputs (often onto the true class). Label-aware peers (torchattacks) leave those
+        # unchanged; their accuracy is the fraction correct at x0 and not fooled:
+        "accuracy_label_aware_pct": 100.0 * float(np.mean(correct & ~success)),
         "success_rate_pct": 100.0 * float(success.mean()),
         "success_rate_correct_pct": 100.0 * float(success[correct].mean()) if correct.any() else float("nan"),
         "n_correct": int(correct.sum()),
@@ -92,7 +97,7 @@ def _deepfool_stats(extras, labels, images, apply_fn, params, batch_size) -> dic
         "norm_median": float(np.median(norms[success])) if success.any() else float("nan"),
         "iterations_mean": float(iters.mean()),
         "iterations_max": int(iters.max()),
-        "norms": norms.tolist(),
+        "norms": norms[success].tolist(),  # of the successful attacks, like the mean/median
     }
 
 

@@ -96,15 +96,28 @@ def run(
     test = splits.test
     phases: dict[str, dict] = {}
 
+    # Everything a phase's result depends on: a finished phase is reused only if it matches.
+    fingerprint = checkpoint.json_safe({
+        "base": base.to_dict(), "eps": eps, "seed": seed, "deepfool": df_kwargs,
+        "clean_run": str(Path(clean_run).resolve()) if clean_run else None, "data": splits.source,
+        "sizes": [len(splits.train.labels), len(splits.val.labels), len(test.labels)],
+    })  # fmt: skip
+
     def phase(name: str, fn: Callable[[], dict]) -> dict:
         path = out / "phases" / f"{name}.json"
         if path.exists():
-            phases[name] = json.loads(path.read_text())
+            done = json.loads(path.read_text())
+            if done.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"{out} holds a study run with other settings (phase {name}); use a new --out, or the same flags"
+                )
+            phases[name] = done
             log(f"[{name}] done before ({phases[name]['seconds']:.0f}s); skipped")
             return phases[name]
         log(f"[{name}] ...")
         t0 = time.perf_counter()
         result = fn()
+        result["fingerprint"] = fingerprint
         result["seconds"] = time.perf_counter() - t0
         checkpoint.write_json_atomic(path, result)
         phases[name] = result
@@ -203,15 +216,20 @@ def run(
             res[tag]["none"], _ = attack_eval(fn, variables, test.images, test.labels, desc=f"median/{tag}/clean", **kw)
             for attack in ("fgsm", "deepfool"):
                 x_adv = np.load(adv_dir / f"{attack}.npy", mmap_mode="r")
+                if len(x_adv) != len(test.labels):
+                    raise ValueError(f"{adv_dir / attack}.npy holds {len(x_adv)} images, not {len(test.labels)}")
                 res[tag][attack], _ = attack_eval(fn, variables, test.images, test.labels, inputs=x_adv,
                                                   desc=f"median/{tag}/{attack}", **kw)  # fmt: skip
         return res
 
     # The defended models first: the clean model may be a --clean-run still in training.
+    # Each model is trained (or loaded) before its evaluation phase starts its clock.
+    model("adversarial_training")
     ev_at = phase("eval_adversarial_training", lambda: eval_phase("adversarial_training"))
     model("median_squeezing")
+    model("none")
     ev_none = phase("eval_none", lambda: eval_phase("none"))
-    if not (adv_dir / "deepfool.npy").exists():  # phase done but its cache deleted: recompute
+    if not all((adv_dir / f"{a}.npy").exists() for a in ("fgsm", "deepfool")):  # cache deleted: recompute
         (out / "phases" / "eval_none.json").unlink()
         ev_none = phase("eval_none", lambda: eval_phase("none"))
     ev_sq = phase("eval_median_squeezing", transfer_phase)

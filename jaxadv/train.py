@@ -323,6 +323,12 @@ def fit(
             raise checkpoint.CheckpointError(
                 f"checkpoint in {ckpt_dir} was written with a different config; use a new --out or the same config"
             )
+        # Same data and seed too, or the continuation is not the run that was interrupted.
+        for k, v in {"n_train": n, **(extra_meta or {})}.items():
+            if k in meta and meta[k] != checkpoint.json_safe(v):
+                raise checkpoint.CheckpointError(
+                    f"checkpoint in {ckpt_dir} was written with {k}={meta[k]!r}, not {v!r}; use a new --out"
+                )
         state = state.replace(
             step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"], opt_state=tree["opt_state"]
         )
@@ -419,11 +425,11 @@ def fit(
         if ckpt_dir:
             meta = {
                 "config": cfg.to_dict(), "epoch": epoch, "history": history, "num_classes": num_classes,
-                "image_shape": list(train_images.shape[1:]),
+                "image_shape": list(train_images.shape[1:]), "n_train": n,
                 "best_score": best["score"], "bad_epochs": best["bad_epochs"], "stopped_early": stopped_early, **(extra_meta or {}),
             }  # fmt: skip
             tree = _checkpoint_tree(state, best["params"], best["batch_stats"], train_key)
-            checkpoint.save(ckpt_dir, epoch, tree, _json_safe(meta))
+            checkpoint.save(ckpt_dir, epoch, tree, checkpoint.json_safe(meta))
         if stopped_early:
             if not collapsed:
                 log(f"early stop: the validation score has not improved for {cfg.patience} epochs")
@@ -436,16 +442,6 @@ def fit(
 def _copy_best(state: TrainState) -> dict:
     # The step donates `state`'s buffers, so the best params must be a copy, not an alias.
     return {"params": jax.tree.map(jnp.copy, state.params), "batch_stats": jax.tree.map(jnp.copy, state.batch_stats)}
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def load_trained(ckpt_dir: str, *, which: str = "best"):

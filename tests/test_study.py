@@ -55,3 +55,25 @@ def test_rerun_skips_finished_phases(study_run):
     again = study.run(splits, out, log=lines.append, **kw)
     assert sum("skipped" in line for line in lines) == 6
     assert again["cells"] == results["cells"]
+
+
+def test_median_row_is_the_transfer_protocol(study_run):
+    """median_squeezing x fgsm = the squeezed model on median-filtered clean-model FGSM examples."""
+    import numpy as np
+
+    from jaxadv import squeeze, train
+    from jaxadv.evaluation import attack_eval
+
+    out, splits, _, results, _ = study_run
+    apply_fn, variables, _, _ = train.load_trained(str(out / "models" / "median_squeezing" / "checkpoints"))
+    x_adv = np.load(out / "adv" / "fgsm.npy")
+    ref, _ = attack_eval(squeeze.squeezed(apply_fn, squeeze.median_squeezer(3)), variables, splits.test.images,
+                         splits.test.labels, inputs=x_adv)  # fmt: skip
+    cell = next(c for c in results["cells"] if c["defense"] == "median_squeezing" and c["attack"] == "fgsm")
+    assert cell["accuracy_pct"] == ref["accuracy_pct"] and cell["loss"] == pytest.approx(ref["loss"])
+
+
+def test_rerun_with_other_settings_is_refused(study_run):
+    out, splits, kw, _, _ = study_run
+    with pytest.raises(ValueError, match="other settings"):
+        study.run(splits, out, log=lambda s: None, **{**kw, "eps": 0.2})
