@@ -608,3 +608,15 @@ def test_pgd_restarts_keep_the_strongest_per_example(trained_cnn):
     one = fooled(pgd(apply_fn, params, x, y, restarts=1, **kw))
     four = fooled(pgd(apply_fn, params, x, y, restarts=4, **kw))
     assert np.all(four >= one)  # restart 0 is the same run; later ones can only add successes
+
+
+def test_deepfool_host_compaction_equals_device_driver(trained_cnn, monkeypatch):
+    apply_fn, params, x, _ = trained_cnn
+    calls = []
+    real = deepfool_module._gather_rows
+    monkeypatch.setattr(deepfool_module, "_gather_rows", lambda *a, **k: calls.append(k["size"]) or real(*a, **k))
+    host = deepfool(apply_fn, params, x, max_iter=50, driver="host")
+    device = deepfool(apply_fn, params, x, max_iter=50, driver="device")
+    assert calls, "the batch of 48 never shrank to a compacted sub-batch"
+    for a, b in zip(host, device):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
