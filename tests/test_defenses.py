@@ -1,5 +1,7 @@
 """Training-time defenses through the batch-transform hook."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,21 +48,34 @@ def test_fgsm_transform_attacks_a_fraction_of_the_batch(adv_weight, k, getkey):
         assert float(jnp.abs(x2[:k] - x[:k]).max()) == pytest.approx(0.05, abs=1e-6)
 
 
-def test_fgsm_adversarial_training_raises_fgsm_accuracy():
+AT_EPS = 0.15  # on this synthetic data the clean tiny model keeps ~58 % under FGSM, the FGSM-trained one ~75 %
+
+
+@functools.cache
+def _trained(defense: str):
+    """A tiny model trained with `defense` on synthetic data (cached: the clean one serves two tests)."""
     splits = data.synthetic(768, 256, num_classes=4, val_size=64, seed=5)
-    eps = 0.15  # the clean tiny model keeps ~58 % here, the FGSM-trained one ~75 %
-    runs = {}
-    for defense in ("none", "fgsm_at"):
-        cfg = TINY.replace(defense=defense, defense_eps=eps, epochs=5)
-        apply_fn = make_apply(train.create_model(cfg, 4))
-        res = train.fit(cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
-                        key=jax.random.key(0), num_classes=4, batch_transform=defenses.batch_transform(cfg, apply_fn),
-                        progress=False)  # fmt: skip
-        variables = res.state.variables
-        attack = lambda x, y, apply_fn=apply_fn, variables=variables: fgsm_jit(apply_fn, variables, x, y, eps=eps)  # noqa: E731
-        runs[defense], _ = attack_eval(apply_fn, variables, splits.test.images, splits.test.labels, attack=attack,
-                                       batch_size=128)  # fmt: skip
-    assert runs["fgsm_at"]["accuracy_pct"] > runs["none"]["accuracy_pct"] + 10, runs
+    cfg = TINY.replace(defense=defense, defense_eps=AT_EPS, epochs=5)
+    apply_fn = make_apply(train.create_model(cfg, 4))
+    res = train.fit(cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
+                    key=jax.random.key(0), num_classes=4, batch_transform=defenses.batch_transform(cfg, apply_fn),
+                    progress=False)  # fmt: skip
+    return apply_fn, res.state.variables, splits
+
+
+def _accuracy_under(defense: str, attack_fn) -> float:
+    """Test accuracy (%) of the `defense`-trained model under `attack_fn(apply_fn, variables, x, y)`."""
+    apply_fn, variables, splits = _trained(defense)
+    out, _ = attack_eval(apply_fn, variables, splits.test.images, splits.test.labels, batch_size=128,
+                         attack=lambda x, y: attack_fn(apply_fn, variables, x, y))  # fmt: skip
+    return out["accuracy_pct"]
+
+
+def test_fgsm_adversarial_training_raises_fgsm_accuracy():
+    def attack(f, v, x, y):
+        return fgsm_jit(f, v, x, y, eps=AT_EPS)
+
+    assert _accuracy_under("fgsm_at", attack) > _accuracy_under("none", attack) + 10
 
 
 def test_median_model_is_validated_and_deployed_through_the_filter():
@@ -117,18 +132,7 @@ def test_catastrophic_overfitting_guard_stops_and_keeps_the_most_robust_params()
 def test_fast_adversarial_training_beats_clean_training_under_pgd():
     from jaxadv.attacks import pgd
 
-    splits = data.synthetic(768, 256, num_classes=4, val_size=64, seed=5)
-    eps = 0.15
-    acc = {}
-    for defense in ("none", "fast_at"):
-        cfg = TINY.replace(defense=defense, defense_eps=eps, epochs=5)
-        apply_fn = make_apply(train.create_model(cfg, 4))
-        res = train.fit(cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
-                        key=jax.random.key(0), num_classes=4, batch_transform=defenses.batch_transform(cfg, apply_fn),
-                        progress=False)  # fmt: skip
-        v = res.state.variables
-        attack = lambda x, y, apply_fn=apply_fn, v=v: pgd(apply_fn, v, x, y, eps=eps, step_size=eps / 4, steps=10,  # noqa: E731
-                                                          key=jax.random.key(1))
-        acc[defense], _ = attack_eval(apply_fn, v, splits.test.images, splits.test.labels, attack=attack,
-                                      batch_size=128)  # fmt: skip
-    assert acc["fast_at"]["accuracy_pct"] > acc["none"]["accuracy_pct"] + 10, acc
+    def attack(f, v, x, y):
+        return pgd(f, v, x, y, eps=AT_EPS, step_size=AT_EPS / 4, steps=10, key=jax.random.key(1))
+
+    assert _accuracy_under("fast_at", attack) > _accuracy_under("none", attack) + 10
