@@ -275,7 +275,8 @@ def run(
     plots.deepfool_norms({d: ev["attacks"]["deepfool"]["norms"] for d, ev in
                           (("none", ev_none), ("adversarial_training", ev_at))}, out / "deepfool_norms.png")  # fmt: skip
     apply_fn, variables, _ = model("none")
-    idx = np.arange(8)
+    # One image per class (the first of each), so the gallery is not eight airplanes on class-ordered subsets.
+    idx = np.array([int(np.flatnonzero(test.labels == c)[0]) for c in np.unique(test.labels)][:8])
     x_clean = test.images[idx].astype(np.float32) / 255.0
     x_f = np.load(adv_dir / "fgsm.npy", mmap_mode="r")[idx]
     x_d = np.load(adv_dir / "deepfool.npy", mmap_mode="r")[idx]
