@@ -113,10 +113,10 @@ def median_filter(x: Array, size: int = 3, *, method: str = "network") -> Array:
     `scipy.ndimage.median_filter(x, size=(1, size, size, 1), mode="reflect")`:
       * Border: scipy "reflect" = half-sample symmetric (d c b a | a b c d | d c b a),
         `jnp.pad(mode="symmetric")`. PyTorch-based peers differ on the outer pixels:
-        kornia's `median_blur` zero-pads (and `torch.median` takes the *lower* middle
-        value of an even window), and kornia's other filters' default
-        `border_type="reflect"`, like torch's `F.pad(mode="reflect")`, is whole-sample
-        (d c b | a b c d), i.e. scipy's "mirror", not "reflect".
+        kornia's `median_blur` (0.9) defaults to `border_type="reflect"`, which like
+        torch's `F.pad(mode="reflect")` is whole-sample (d c b | a b c d), i.e. scipy's
+        "mirror", not "reflect"; its `border_type="replicate"` equals scipy for 3x3
+        only. `torch.median` takes the *lower* middle value of an even window.
       * Even sizes (Xu et al. use 2x2): the window covers offsets -(size//2) ..
         size-1-size//2 (scipy's origin 0), and the median of the size*size values is the
         element of rank size*size//2 in sorted order, i.e. the upper of the two middle
