@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     st.add_argument("--attack-batch", type=_positive_int, default=500, help="batch size for attacks and evaluation")
 
+    b = sub.add_parser(
+        "bench", add_help=False,
+        help="the benchmark harness (python -m benchmarks.run; run from the source tree): jaxadv beside the peers",
+        description="Same as `python -m benchmarks.run ARGS`; `jaxadv bench --help` lists its flags.",
+    )  # fmt: skip
+    b.add_argument("bench_args", nargs="*", help=argparse.SUPPRESS)
+
     e = sub.add_parser(
         "evaluate",
         help="clean test accuracy of a trained checkpoint",
@@ -339,7 +346,20 @@ def cmd_evaluate(args, log) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "study": cmd_study}
+def cmd_bench(args, log) -> int:
+    # The harness lives in benchmarks/ of the source tree (it is not part of the installed
+    # package): import it from the current directory.
+    if (Path.cwd() / "benchmarks" / "run.py").is_file() and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        from benchmarks import run
+    except ImportError:
+        raise UsageError("the benchmark harness is benchmarks/run.py of the jaxadv source tree; "
+                         "run `jaxadv bench` from the repository root") from None  # fmt: skip
+    return run.main(args.bench_args)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "study": cmd_study, "bench": cmd_bench}
 
 
 def _host_devices_from_env() -> None:
@@ -362,7 +382,11 @@ def _host_devices_from_env() -> None:
 def main(argv: list[str] | None = None) -> int:
     _host_devices_from_env()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # all further flags are the harness's own (argparse REMAINDER drops --flags)
+        args = argparse.Namespace(command="bench", bench_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -1,0 +1,74 @@
+"""The benchmark harness (benchmarks/run.py): report schema, result checks, CLI errors."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import run
+from jaxadv import cli
+
+
+def test_harness_writes_json_markdown_and_plot(tmp_path):
+    out = tmp_path / "b.json"
+    rc = run.main(["--only", "forward,input_grad,median3x3_u8,deepfool", "--batches", "2,4", "--deepfool-batches", "4",
+                   "--no-peers", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    recs = report["results"]
+    assert {(r["op"], r["batch"]) for r in recs} == {
+        ("forward", 2), ("forward", 4), ("input_grad", 2), ("input_grad", 4), ("median3x3_u8", 2),
+        ("median3x3_u8", 4), ("deepfool", 4)}  # fmt: skip
+    for r in recs:
+        assert r["impl"] == "jaxadv" and r["img_per_s"] > 0 and len(r["times_s"]) == 5
+        assert r["img_per_s_min"] <= r["img_per_s"] <= r["img_per_s_max"]
+    df = next(r for r in recs if r["op"] == "deepfool")
+    # Success and iterations come from the attack's outputs; the ideal time from our own timings.
+    assert 0 <= df["success_pct"] <= 100 and df["iterations_sum"] >= df["iterations_max"] >= 1
+    assert df["ideal_s"] > 0 and df["time_over_ideal"] == pytest.approx(df["median_s"] / df["ideal_s"])
+    assert report["environment"]["backend"] == "cpu"
+    assert (tmp_path / "b.md").read_text().startswith("# jaxadv benchmark")
+    assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_deepfool_stats_from_images_alone():
+    class S:  # a linear "model": class 1 iff the first pixel exceeds 0.5
+        variables = None
+
+        @staticmethod
+        def apply_f32(v, x):
+            s = x.reshape(x.shape[0], -1)[:, :1] - 0.5
+            return jnp.concatenate([-s, s], axis=1)
+
+    x = np.full((3, 2, 2, 1), 0.4, np.float32)
+    x_adv = x.copy()
+    x_adv[0, 0, 0, 0] = 0.7  # fooled, L2 0.3
+    x_adv[1, 0, 0, 0] = 0.45  # not fooled
+    st = run._deepfool_stats(S, x, x_adv, iterations=np.array([2, 50, 0]))
+    assert st["success_pct"] == pytest.approx(100 / 3)
+    assert st["median_l2"] == pytest.approx(0.3, abs=1e-6)
+    assert (st["iterations_sum"], st["iterations_max"]) == (52, 50)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--only", "forwrd"], "unknown op(s) forwrd"),
+        (["--repeats", "3"], "at least 5 timed calls"),
+        (["--batches", "0"], "positive integers"),
+        (["--out", "x.csv"], "expected a .json path"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        run.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
+
+
+def test_jaxadv_bench_forwards_to_the_harness(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--only", "nope"])
+    assert "unknown op(s) nope" in capsys.readouterr().err
