@@ -9,6 +9,7 @@ a 2x2 median filter and non-local means 13-3-2.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -37,6 +38,30 @@ def score(apply_fn: ApplyFn, params: Params, x: Array, squeezers: Sequence[Squee
 
 
 _score_jit = jax.jit(score, static_argnums=(0, 3))
+
+
+@functools.cache
+def adaptive_objective(apply_fn: ApplyFn, squeezers: tuple[Squeezer, ...], lam: float = 10.0, kappa: float = 1.0):
+    """The objective of an adaptive attack on classifier + detector, for `attacks.pgd(objective=...)`.
+
+    Maximizes `-max(margin, -kappa) - lam * score(x)` per example, where margin =
+    logit_y - max_{j != y} logit_j (Carlini & Wagner's loss: once the example is
+    misclassified by kappa the first term is flat, so the steps then go to lowering the
+    detector score) and the score goes through BPDA versions of the squeezers (forward
+    pass unchanged, identity backward), since bit-depth rounding has no useful gradient.
+    Cached: the same arguments give the same function, so pgd compiles once.
+    """
+    through = tuple(squeeze.bpda(s) for s in squeezers)
+
+    def objective(params, x, y):
+        logits = apply_fn(params, x).astype(jnp.float32)
+        true = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+        other = jnp.max(jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits), axis=-1)
+        margin = true - other
+        return -jnp.maximum(margin, -kappa) - lam * score(apply_fn, params, x, through)
+
+    objective.__name__ = f"detector_adaptive_objective_lam{lam:g}"
+    return objective
 
 
 def scores(apply_fn, params, images: np.ndarray, squeezers: Sequence[Squeezer], *, batch_size: int = 500):

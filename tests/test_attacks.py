@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxadv import models
+from jaxadv import detect, models, squeeze
 from jaxadv.attacks import REGISTRY, DeepFoolResult, deepfool, fgsm, fgsm_jit, pgd
 # `jaxadv.attacks.deepfool` is the function; the module is reached through importlib.
 deepfool_module = importlib.import_module("jaxadv.attacks.deepfool")
@@ -608,6 +608,38 @@ def test_pgd_restarts_keep_the_strongest_per_example(trained_cnn):
     one = fooled(pgd(apply_fn, params, x, y, restarts=1, **kw))
     four = fooled(pgd(apply_fn, params, x, y, restarts=4, **kw))
     assert np.all(four >= one)  # restart 0 is the same run; later ones can only add successes
+
+
+def _ce_objective(params, x, y):
+    return -jnp.take_along_axis(jax.nn.log_softmax(linear_apply(params, x)), y[:, None], axis=1)[:, 0]
+
+
+def test_pgd_with_the_cross_entropy_objective_equals_the_default():
+    params = make_linear(4, 4, scale=2.0)
+    x = uniform_images(5, 6, 0.2, 0.8)
+    y = jnp.arange(6) % 4
+    kw = dict(eps=0.05, step_size=0.01, steps=5, restarts=2, key=jax.random.key(3))
+    np.testing.assert_allclose(pgd(linear_apply, params, x, y, objective=_ce_objective, **kw),
+                               pgd(linear_apply, params, x, y, **kw), atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="objective"):
+        pgd(linear_apply, params, x, y, objective=_ce_objective, targeted=True, **kw)
+
+
+def test_adaptive_detector_attack_fools_with_lower_detector_scores(trained_cnn):
+    """The score term (through BPDA) steers PGD to adversarial examples the detector misses."""
+    apply_fn, params, x, _ = trained_cnn
+    y = jnp.argmax(apply_fn(params, x), -1)
+    sq = (squeeze.bit_depth_squeezer(2), squeeze.median_squeezer(2))
+    kw = dict(eps=0.3, step_size=0.03, steps=30, key=jax.random.key(0))
+    fooled = lambda z: np.asarray(jnp.argmax(apply_fn(params, z), -1) != y)  # noqa: E731
+    score = lambda z: np.asarray(detect.score(apply_fn, params, z, sq))  # noqa: E731
+    blind = pgd(apply_fn, params, x, y, objective=detect.adaptive_objective(apply_fn, sq, lam=0.0), **kw)
+    aware = pgd(apply_fn, params, x, y, objective=detect.adaptive_objective(apply_fn, sq, lam=1.0), **kw)
+    assert fooled(blind).mean() > 0.8 and fooled(aware).mean() > 0.8
+    threshold = 0.1
+    assert (score(blind)[fooled(blind)] > threshold).mean() > 0.5  # the squeezers see the detector-blind attack
+    assert (score(aware)[fooled(aware)] > threshold).mean() < 0.25  # and mostly miss the adaptive one
+    assert detect.adaptive_objective(apply_fn, sq, lam=1.0) is detect.adaptive_objective(apply_fn, sq, lam=1.0)
 
 
 def test_deepfool_host_compaction_equals_device_driver(trained_cnn, monkeypatch):

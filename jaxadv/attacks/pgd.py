@@ -42,18 +42,20 @@ def _random_start(key: PRNGKey, x: Array, eps: Array, norm: str) -> Array:
 
 
 def _pgd(apply_fn, params, x, y, key, eps, step_size, clip_min, clip_max, *, steps, norm, random_start, restarts,
-         targeted):  # fmt: skip
+         targeted, objective=None):  # fmt: skip
     x = x.astype(jnp.float32)
     eps = jnp.asarray(eps, jnp.float32)
     step_size = jnp.asarray(step_size, jnp.float32)
     lo, hi = jnp.asarray(clip_min, jnp.float32), jnp.asarray(clip_max, jnp.float32)
     sign = -1.0 if targeted else 1.0
 
-    def objective(z):
+    def total(z):
+        if objective is not None:
+            return jnp.sum(objective(params, z, y))
         return sign * summed_cross_entropy(apply_fn(params, z), y)
 
     def step(_, x_adv):
-        g = jax.grad(objective)(x_adv)
+        g = jax.grad(total)(x_adv)
         if norm == "linf":
             x_adv = x_adv + step_size * jnp.sign(g)
         else:
@@ -66,9 +68,13 @@ def _pgd(apply_fn, params, x, y, key, eps, step_size, clip_min, clip_max, *, ste
             x_adv = jnp.clip(x + _random_start(jax.random.fold_in(key, r), x, eps, norm), lo, hi)
         x_adv = jax.lax.fori_loop(0, steps, step, x_adv)
         logits = apply_fn(params, x_adv)
-        per_example = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), y[:, None], axis=1)[:, 0]
+        if objective is not None:
+            per_example = objective(params, x_adv, y)
+        else:
+            per_example = sign * -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), y[:, None],
+                                                      axis=1)[:, 0]  # fmt: skip
         hit = (jnp.argmax(logits, -1) == y) if targeted else (jnp.argmax(logits, -1) != y)
-        return x_adv, sign * per_example, hit
+        return x_adv, per_example, hit
 
     def keep_best(r, best):
         x_best, loss_best, hit_best = best
@@ -82,7 +88,8 @@ def _pgd(apply_fn, params, x, y, key, eps, step_size, clip_min, clip_max, *, ste
     return x_adv
 
 
-_pgd_jit = jax.jit(_pgd, static_argnames=("apply_fn", "steps", "norm", "random_start", "restarts", "targeted"))
+_pgd_jit = jax.jit(_pgd, static_argnames=("apply_fn", "steps", "norm", "random_start", "restarts", "targeted",
+                                          "objective"))
 
 
 def pgd(
@@ -102,6 +109,7 @@ def pgd(
     clip_min: float = 0.0,
     clip_max: float = 1.0,
     jit: bool = True,
+    objective=None,
 ) -> Array:
     """PGD on the (summed) cross-entropy, projected to the eps ball and the pixel box.
 
@@ -127,6 +135,10 @@ def pgd(
       clip_min, clip_max: pixel box.
       jit: use the module's cached jitted kernel (False: trace inline, e.g. inside a
         caller's jit such as an adversarial training step).
+      objective: None (cross-entropy), or a stable, hashable `(params, x, y) -> f32[B]`
+        per-example objective to *maximize* instead, e.g. the adaptive attack on the
+        feature-squeezing detector (`jaxadv.detect.adaptive_objective`). Restarts then
+        keep the higher objective among equally (un)successful runs.
 
     Returns:
       x_adv, same shape as x (float32), with ||x_adv - x|| <= eps and inside the box.
@@ -137,6 +149,8 @@ def pgd(
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
+    if objective is not None and targeted:
+        raise ValueError("pgd: pass either objective= or targeted=True, not both (the objective sets the goal)")
     if (random_start or restarts > 1) and key is None:
         raise ValueError("pgd with random_start or restarts > 1 needs a PRNG key: pass key=jax.random.key(...)")
     validate.check_images(x, value_range=(clip_min, clip_max))
@@ -147,4 +161,4 @@ def pgd(
         key = jax.random.key(0)  # unused: deterministic start, single run
     fn = _pgd_jit if jit else functools.partial(_pgd)
     return fn(apply_fn, params, x, y, key, eps, step_size, clip_min, clip_max, steps=steps, norm=norm,
-              random_start=random_start, restarts=restarts or 1, targeted=targeted)  # fmt: skip
+              random_start=random_start, restarts=restarts or 1, targeted=targeted, objective=objective)  # fmt: skip

@@ -1,0 +1,117 @@
+"""Runs that isolate why three cells of our seed-study table differ from the study's.
+
+    python experiments/study_gaps.py --data ../shared/data/cifar10-jpeg.tar.gz \
+        --study runs/study10k --clean-run runs/fast --seed-run runs/seed10 --out results/seed_study/gaps
+
+All on the full test split, FGSM with true labels unless said otherwise:
+  1. Label leaking (Kurakin et al. 2016): the FGSM-trained model under FGSM eps 0.1 made
+     with the true labels (the study's protocol) and with the model's own predictions.
+  2. The eps scale: the study does not say whether eps 0.1 is in [0, 1] pixels or in its
+     normalized input space. A PyTorch pipeline with Normalize(0.5, 0.5) makes 0.1
+     normalized = 0.05 pixels; with the CIFAR-10 std (~0.25), 0.1 normalized = 0.025 pixels.
+     FGSM at each scale against the clean model, the FGSM-trained model, and (transfer) the
+     median-squeezed model.
+  3. The source model: a clean model trained with the study's recipe (`seed` preset: no
+     BatchNorm, no label smoothing, Adam 1e-3 + weight decay) instead of our `fast` one.
+     FGSM against it, and its FGSM examples transferred to the median-squeezed model.
+Writes OUT.json and OUT.md. Cheap (FGSM only): a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxadv import checkpoint, data, squeeze, train
+from jaxadv.attacks import fgsm_jit
+from jaxadv.evaluation import attack_eval
+
+EPS_SCALES = {"0.1 (pixels in [0, 1])": 0.1, "0.1 x 0.5 (Normalize(0.5, 0.5))": 0.05,
+              "0.1 x 0.247 (Normalize(CIFAR-10 std))": 0.1 * 0.247}  # fmt: skip
+
+
+def _load(run: str | Path):
+    ckpt = Path(run) / "checkpoints"
+    apply_fn, variables, cfg, _ = train.load_trained(str(ckpt if ckpt.is_dir() else run))
+    return apply_fn, variables, cfg
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--study", required=True, help="the study's OUT directory (its models/ are used)")
+    p.add_argument("--clean-run", required=True, help="the clean model the study used (--clean-run)")
+    p.add_argument("--seed-run", required=True, help="a clean model trained with `jaxadv train --config seed`")
+    p.add_argument("--out", required=True, help="output path without suffix")
+    p.add_argument("--test-subset", type=int, default=None)
+    args = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    splits = data.load(args.data, test_subset=args.test_subset, progress=False)
+    x, y = splits.test.images, splits.test.labels
+    models = {
+        "clean (fast)": _load(args.clean_run),
+        "clean (seed recipe)": _load(args.seed_run),
+        "fgsm_at": _load(Path(args.study) / "models" / "adversarial_training"),
+        "median": _load(Path(args.study) / "models" / "median_squeezing"),
+    }
+    apply_m, var_m, cfg_m = models["median"]
+    median_deployed = squeeze.squeezed(apply_m, squeeze.median_squeezer(cfg_m.median_size))
+    rows = []
+
+    def add(experiment, model, attack, summary, **extra):
+        rows.append({"experiment": experiment, "model": model, "attack": attack,
+                     "accuracy_pct": summary["accuracy_pct"], "n": summary["n"], **extra})  # fmt: skip
+        print(f"{experiment:14s} {model:22s} {attack:48s} {summary['accuracy_pct']:5.1f}%", flush=True)
+
+    def fgsm_attack(apply_fn, variables, eps, predicted=False):
+        def attack(xb, yb):
+            if predicted:
+                yb = jax.numpy.argmax(apply_fn(variables, xb), axis=-1)
+            return fgsm_jit(apply_fn, variables, xb, yb, eps=eps)
+
+        return attack
+
+    # 1. Label leaking.
+    apply_a, var_a, _ = models["fgsm_at"]
+    for predicted in (False, True):
+        s, _ = attack_eval(apply_a, var_a, x, y, attack=fgsm_attack(apply_a, var_a, 0.1, predicted))
+        add("label leaking", "fgsm_at", f"FGSM 0.1, {'predicted' if predicted else 'true'} labels", s)
+
+    # 2 and 3. Clean models at each eps scale, and their examples transferred to the median model.
+    for source in ("clean (fast)", "clean (seed recipe)"):
+        apply_c, var_c, _ = models[source]
+        s, _ = attack_eval(apply_c, var_c, x, y)
+        add("source model", source, "none", s)
+        for label, eps in EPS_SCALES.items():
+            s, x_adv = attack_eval(apply_c, var_c, x, y, attack=fgsm_attack(apply_c, var_c, eps), keep_adv=True)
+            add("eps scale", source, f"FGSM eps {label}", s, eps=eps)
+            s, _ = attack_eval(median_deployed, var_m, x, y, inputs=x_adv)
+            add("eps scale", "median (filtered)", f"transfer from {source}, FGSM eps {label}", s, eps=eps)
+    for label, eps in EPS_SCALES.items():
+        s, _ = attack_eval(apply_a, var_a, x, y, attack=fgsm_attack(apply_a, var_a, eps))
+        add("eps scale", "fgsm_at", f"FGSM eps {label}", s, eps=eps)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    configs = {name: cfg.to_dict() for name, (_, _, cfg) in models.items()}
+    report = {"rows": rows, "n_test": int(len(y)), "data": splits.source, "configs": configs,
+              "seconds": time.perf_counter() - t0, "command": "python experiments/study_gaps.py " + " ".join(
+                  argv if argv is not None else sys.argv[1:])}  # fmt: skip
+    checkpoint.write_json_atomic(out.with_suffix(".json"), report)
+    md = ["| experiment | model evaluated | attack | accuracy % |", "|---|---|---|---|"]
+    md += [f"| {r['experiment']} | {r['model']} | {r['attack']} | {r['accuracy_pct']:.1f} |" for r in rows]
+    md += ["", f"n = {len(y)} test images; data: {splits.source}; {report['seconds'] / 60:.1f} min."]
+    tmp = out.with_name(f".{out.name}.md.tmp")
+    tmp.write_text("\n".join(md) + "\n")
+    tmp.replace(out.with_suffix(".md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
