@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from jaxadv import checkpoint, data, squeeze, train
 from jaxadv.attacks import fgsm_jit

@@ -8,7 +8,6 @@ errors. Everything it calls is a library function that can be used from Python.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform

@@ -16,7 +16,6 @@ interrupted study continues where it stopped.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -52,6 +51,98 @@ def model_configs(base: TrainConfig, eps: float) -> dict[str, TrainConfig]:
         name: base.replace(defense=_TRAINING_DEFENSE[name], defense_eps=eps if name == "adversarial_training" else base.defense_eps)
         for name in DEFENSES
     }
+
+
+class Phases:
+    """Run named phases once: each result is stored in OUT/phases/<name>.json (atomically)
+    with the run's fingerprint, and a rerun reuses it (or refuses other settings)."""
+
+    def __init__(self, out: Path, fingerprint: dict, log: Callable[[str], None]):
+        self.out, self.fingerprint, self.log = out, fingerprint, log
+        self.done: dict[str, dict] = {}
+
+    def __call__(self, name: str, fn: Callable[[], dict]) -> dict:
+        path = self.out / "phases" / f"{name}.json"
+        if path.exists():
+            done = json.loads(path.read_text())
+            if done.get("fingerprint") != self.fingerprint:
+                raise ValueError(
+                    f"{self.out} holds a study run with other settings (phase {name}); use a new --out, or the same flags"
+                )
+            self.done[name] = done
+            self.log(f"[{name}] done before ({done['seconds']:.0f}s); skipped")
+            return done
+        self.log(f"[{name}] ...")
+        t0 = time.perf_counter()
+        result = fn()
+        result["fingerprint"] = self.fingerprint
+        result["seconds"] = time.perf_counter() - t0
+        checkpoint.write_json_atomic(path, result)
+        self.done[name] = result
+        self.log(f"[{name}] finished in {result['seconds']:.0f}s")
+        return result
+
+
+class ModelStore:
+    """`store(name) -> (apply_fn, variables, history)`: trains the model `name` with
+    `cfgs[name]` into OUT/models/<name>/ (resuming from its checkpoints) the first time it
+    is needed, as phase "train_<name>"; "none" may instead be a finished `--clean-run`."""
+
+    def __init__(self, out, cfgs, splits, phase: Phases, *, seed, augment_fn, progress, log, clean_run=None):
+        self.out, self.cfgs, self.splits, self.phase = Path(out), cfgs, splits, phase
+        self.seed, self.augment_fn, self.progress, self.log, self.clean_run = seed, augment_fn, progress, log, clean_run
+        self.models: dict[str, tuple] = {}
+
+    def __call__(self, name: str):
+        if name in self.models:
+            return self.models[name]
+        cfg, splits, seed, log = self.cfgs[name], self.splits, self.seed, self.log
+        num_classes = len(splits.class_names)
+        ckpt_dir = self.out / "models" / name / "checkpoints"
+
+        def train_phase():
+            apply_fn = train.make_apply(train.create_model(cfg, num_classes))
+            result = train.fit(
+                cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
+                key=jax.random.key(seed), num_classes=num_classes,
+                batch_transform=defenses.batch_transform(cfg, apply_fn), augment_fn=self.augment_fn,
+                eval_squeezer=defenses.eval_squeezer(cfg),
+                robust_eval=defenses.robust_monitor(cfg, apply_fn, splits.val.images, splits.val.labels),
+                ckpt_dir=str(ckpt_dir), resume=True, progress=self.progress,
+                extra_meta={"data": splits.source, "seed": seed, "class_names": list(splits.class_names)},
+                log=lambda s: log(f"[train {name}] {s}"),
+            )  # fmt: skip
+            checkpoint.write_json_atomic(self.out / "models" / name / "history.json", result.history)
+            return {
+                "epochs": len(result.history), "stopped_early": result.stopped_early,
+                "train_seconds": sum(h["seconds"] for h in result.history), "config": cfg.to_dict(),
+            }  # fmt: skip
+
+        clean_run = self.clean_run
+        if name == "none" and clean_run is not None:
+            ckpt_dir = Path(clean_run) / "checkpoints"
+
+            def train_phase():
+                _, _, cfg_used, meta = train.load_trained(str(ckpt_dir))
+                if cfg_used.defense != "none":
+                    raise ValueError(f"--clean-run {clean_run} was trained with defense {cfg_used.defense!r}, not none")
+                history = meta["history"]
+                if len(history) < cfg_used.epochs and not meta.get("stopped_early"):
+                    raise ValueError(
+                        f"--clean-run {clean_run} has not finished training ({len(history)}/{cfg_used.epochs} epochs); "
+                        "rerun the study when it has"
+                    )
+                return {
+                    "epochs": len(history), "reused": str(clean_run), "config": cfg_used.to_dict(),
+                    "train_seconds": sum(h["seconds"] for h in history),
+                }  # fmt: skip
+
+        done = self.phase(f"train_{name}", train_phase)
+        if "reused" not in done and TrainConfig.from_dict(done["config"]) != cfg:
+            raise ValueError(f"{self.out}/models/{name} was trained with another config; use a new --out")
+        apply_fn, variables, _, meta = train.load_trained(str(ckpt_dir))
+        self.models[name] = (apply_fn, variables, meta["history"])
+        return self.models[name]
 
 
 def run(
@@ -91,10 +182,8 @@ def run(
     """
     out = Path(out)
     df_kwargs = {"num_candidates": 10, "overshoot": 0.02, "max_iter": 50, **(deepfool_kwargs or {})}
-    num_classes = len(splits.class_names)
     cfgs = model_configs(base, eps)
     test = splits.test
-    phases: dict[str, dict] = {}
 
     # Everything a phase's result depends on: a finished phase is reused only if it matches.
     fingerprint = checkpoint.json_safe({
@@ -103,76 +192,12 @@ def run(
         "sizes": [len(splits.train.labels), len(splits.val.labels), len(test.labels)],
     })  # fmt: skip
 
-    def phase(name: str, fn: Callable[[], dict]) -> dict:
-        path = out / "phases" / f"{name}.json"
-        if path.exists():
-            done = json.loads(path.read_text())
-            if done.get("fingerprint") != fingerprint:
-                raise ValueError(
-                    f"{out} holds a study run with other settings (phase {name}); use a new --out, or the same flags"
-                )
-            phases[name] = done
-            log(f"[{name}] done before ({phases[name]['seconds']:.0f}s); skipped")
-            return phases[name]
-        log(f"[{name}] ...")
-        t0 = time.perf_counter()
-        result = fn()
-        result["fingerprint"] = fingerprint
-        result["seconds"] = time.perf_counter() - t0
-        checkpoint.write_json_atomic(path, result)
-        phases[name] = result
-        log(f"[{name}] finished in {result['seconds']:.0f}s")
-        return result
+    phase = Phases(out, fingerprint, log)
+    phases = phase.done
 
     # --- training (a model is trained, or loaded, when a phase first needs it) -----------
-    models = {}
-
-    def model(name: str):
-        if name in models:
-            return models[name]
-        cfg = cfgs[name]
-        ckpt_dir = out / "models" / name / "checkpoints"
-
-        def train_phase():
-            apply_fn = train.make_apply(train.create_model(cfg, num_classes))
-            result = train.fit(
-                cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
-                key=jax.random.key(seed), num_classes=num_classes,
-                batch_transform=defenses.batch_transform(cfg, apply_fn), augment_fn=augment_fn,
-                eval_squeezer=defenses.eval_squeezer(cfg),
-                robust_eval=defenses.robust_monitor(cfg, apply_fn, splits.val.images, splits.val.labels),
-                ckpt_dir=str(ckpt_dir), resume=True, progress=progress,
-                extra_meta={"data": splits.source, "seed": seed, "class_names": list(splits.class_names)},
-                log=lambda s: log(f"[train {name}] {s}"),
-            )  # fmt: skip
-            checkpoint.write_json_atomic(out / "models" / name / "history.json", result.history)
-            return {
-                "epochs": len(result.history), "stopped_early": result.stopped_early,
-                "train_seconds": sum(h["seconds"] for h in result.history), "config": cfg.to_dict(),
-            }  # fmt: skip
-
-        if name == "none" and clean_run is not None:
-            ckpt_dir = Path(clean_run) / "checkpoints"
-
-            def train_phase():
-                _, _, cfg_used, meta = train.load_trained(str(ckpt_dir))
-                if cfg_used.defense != "none":
-                    raise ValueError(f"--clean-run {clean_run} was trained with defense {cfg_used.defense!r}, not none")
-                history = meta["history"]
-                if len(history) < cfg_used.epochs and not meta.get("stopped_early"):
-                    raise ValueError(
-                        f"--clean-run {clean_run} has not finished training ({len(history)}/{cfg_used.epochs} epochs); "
-                        "rerun the study when it has"
-                    )
-                return {
-                    "epochs": len(history), "reused": str(clean_run), "config": cfg_used.to_dict(),
-                    "train_seconds": sum(h["seconds"] for h in history),
-                }  # fmt: skip
-
-        phase(f"train_{name}", train_phase)
-        apply_fn, variables, _, meta = train.load_trained(str(ckpt_dir))
-        models[name] = (apply_fn, variables, meta["history"])
-        return models[name]
+    model = ModelStore(out, cfgs, splits, phase, seed=seed, augment_fn=augment_fn, progress=progress, log=log,
+                       clean_run=clean_run)  # fmt: skip
 
     # --- attacks ------------------------------------------------------------------------
     def fgsm_attack(apply_fn, variables):
