@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse a finished 'jaxadv train' run directory as the clean model (its own config and budget)",
     )  # fmt: skip
     st.add_argument("--attack-batch", type=_positive_int, default=500, help="batch size for attacks and evaluation")
+    st.add_argument(
+        "--suite", choices=["seed", "extended"], default="seed",
+        help="seed: the study's 3x3 table; extended: also PGD and fast adversarial training, white-box PGD, "
+        "adaptive (BPDA) attacks on median squeezing, the feature-squeezing detector and robustness curves",
+    )  # fmt: skip
+    st.add_argument("--at-eps", type=float, default=8 / 255, help="extended: eps of PGD / fast adversarial training")
+    st.add_argument("--pgd-steps", type=_positive_int, default=20, help="extended: steps of the evaluation PGD")
+    st.add_argument("--curve-n", type=_positive_int, default=1000, help="extended: test images per curve point")
 
     b = sub.add_parser(
         "bench", add_help=False,
@@ -314,12 +322,20 @@ def cmd_study(args, log) -> int:
     _check_writable(Path(args.out))
     cfg = _config(args)
     splits = _load_splits(args, cfg, log)
-    results = study.run(
-        splits, args.out, base=cfg, eps=args.eps, seed=args.seed,
+    kw = dict(
+        base=cfg, eps=args.eps, seed=args.seed,
         deepfool_kwargs={"max_iter": args.deepfool_max_iter, "overshoot": args.deepfool_overshoot},
         attack_batch=args.attack_batch, augment_fn=augment_fn(cfg), progress=not args.no_progress,
         log=log.info, environment=environment(), clean_run=args.clean_run,
     )  # fmt: skip
+    if args.suite == "extended":
+        from jaxadv import extended
+
+        _check_eps(args.at_eps)
+        results = extended.run(splits, args.out, at_eps=args.at_eps, pgd_steps=args.pgd_steps, curve_n=args.curve_n,
+                               **kw)  # fmt: skip
+    else:
+        results = study.run(splits, args.out, **kw)
     print(Path(args.out, "results.md").read_text())
     return 0 if results else 1
 

@@ -98,6 +98,10 @@ def _deepfool_stats(extras, labels, images, apply_fn, params, batch_size) -> dic
         "iterations_mean": float(iters.mean()),
         "iterations_max": int(iters.max()),
         "norms": norms[success].tolist(),  # of the successful attacks, like the mean/median
+        # For accuracy against an L2 radius r: correct inputs whose minimal perturbation
+        # (as DeepFool measures it) exceeds r, plus the correct ones it never fooled.
+        "norms_correct": norms[success & correct].tolist(),
+        "n_correct_unfooled": int((correct & ~success).sum()),
     }
 
 

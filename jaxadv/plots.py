@@ -88,3 +88,40 @@ def adversarial_gallery(x_clean, x_fgsm, x_deepfool, labels, preds, class_names,
                  + ", ".join(class_names[k] for k in labels), fontsize=8)  # fmt: skip
     _save(fig, path)
     plt.close(fig)
+
+
+def robustness_curves(curves: dict, l2: dict, n_test: int, path) -> None:
+    """Accuracy against the attack budget: FGSM and PGD (L-inf), DeepFool (L2), one line per defense.
+
+    Args:
+      curves: {"eps": [...], "n": images per point, "curves": {defense: {"fgsm": [...], "pgd": [...]}}}.
+      l2: {defense: DeepFool summary with "norms_correct" and "n_correct_unfooled"}.
+      n_test: the number of test images the DeepFool summaries cover.
+    """
+    import numpy as np
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    eps = np.asarray(curves["eps"])
+    for i, kind in enumerate(("fgsm", "pgd")):
+        ax = axes[i]
+        for name, c in curves["curves"].items():
+            ax.plot(eps, c[kind], marker="o", ms=3, label=name)
+        ax.axvline(8 / 255, color="grey", lw=0.6, ls="--")
+        ax.set(xlabel="L-inf eps (pixels in [0, 1]); dashed: 8/255", ylabel="test accuracy (%)", ylim=(0, 100),
+               title=f"{kind.upper()}, white-box (n = {curves['n']})")  # fmt: skip
+    ax = axes[2]
+    top = max([np.quantile(d["norms_correct"], 0.98) for d in l2.values() if d["norms_correct"]] or [1.0])
+    radii = np.linspace(0, top, 100)
+    for name, d in l2.items():
+        v = np.asarray(d["norms_correct"])
+        acc = [100.0 * ((v > r).sum() + d["n_correct_unfooled"]) / n_test for r in radii]
+        ax.plot(radii, acc, label=name)
+    ax.set(xlabel="L2 radius", ylabel="accuracy (%): correct and DeepFool norm > radius", ylim=(0, 100),
+           title=f"DeepFool (L2), white-box (n = {n_test})")  # fmt: skip
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    _save(fig, path)
+    plt.close(fig)
