@@ -14,6 +14,9 @@ All on the full test split, FGSM with true labels unless said otherwise:
   3. The source model: a clean model trained with the study's recipe (`seed` preset: no
      BatchNorm, no label smoothing, Adam 1e-3 + weight decay) instead of our `fast` one.
      FGSM against it, and its FGSM examples transferred to the median-squeezed model.
+  4. The training budget of FGSM adversarial training (with --at-long-run): the same
+     recipe trained for as many epochs as the clean model (18 instead of 8); clean
+     accuracy and FGSM with true and predicted labels.
 Writes OUT.json and OUT.md. Cheap (FGSM only): a few minutes on 2 CPU cores.
 """
 
@@ -46,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--study", required=True, help="the study's OUT directory (its models/ are used)")
     p.add_argument("--clean-run", required=True, help="the clean model the study used (--clean-run)")
     p.add_argument("--seed-run", required=True, help="a clean model trained with `jaxadv train --config seed`")
+    p.add_argument("--at-long-run", default=None, help="an FGSM-AT model trained longer (`jaxadv train --defense "
+                   "fgsm_at --epochs 18`)")
     p.add_argument("--out", required=True, help="output path without suffix")
     p.add_argument("--test-subset", type=int, default=None)
     args = p.parse_args(argv)
@@ -95,6 +100,18 @@ def main(argv=None) -> int:
     for label, eps in EPS_SCALES.items():
         s, _ = attack_eval(apply_a, var_a, x, y, attack=fgsm_attack(apply_a, var_a, eps))
         add("eps scale", "fgsm_at", f"FGSM eps {label}", s, eps=eps)
+
+    # 4. The adversarial training budget.
+    if args.at_long_run:
+        apply_l, var_l, cfg_l = models["fgsm_at, long"] = _load(args.at_long_run)
+        s, _ = attack_eval(apply_l, var_l, x, y)
+        add("AT budget", f"fgsm_at ({cfg_l.epochs} epochs)", "none", s)
+        s, _ = attack_eval(apply_a, var_a, x, y)
+        add("AT budget", f"fgsm_at ({models['fgsm_at'][2].epochs} epochs)", "none", s)
+        for predicted in (False, True):
+            s, _ = attack_eval(apply_l, var_l, x, y, attack=fgsm_attack(apply_l, var_l, 0.1, predicted))
+            add("AT budget", f"fgsm_at ({cfg_l.epochs} epochs)",
+                f"FGSM 0.1, {'predicted' if predicted else 'true'} labels", s)  # fmt: skip
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

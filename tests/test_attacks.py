@@ -582,6 +582,15 @@ def test_pgd_one_step_from_x_is_fgsm():
     np.testing.assert_allclose(a, fgsm(linear_apply, params, x, y, eps=0.03), atol=1e-6)
 
 
+def test_pgd_unrolled_equals_the_fori_loop():
+    params = make_linear(6, 4, scale=2.0)
+    x = uniform_images(7, 5, 0.1, 0.9)
+    y = jnp.arange(5) % 4
+    kw = dict(eps=0.05, step_size=0.02, steps=4, restarts=3, key=jax.random.key(2))
+    np.testing.assert_allclose(pgd(linear_apply, params, x, y, unroll=True, **kw),
+                               pgd(linear_apply, params, x, y, unroll=False, **kw), atol=1e-6)  # fmt: skip
+
+
 def test_pgd_needs_a_key_for_random_starts():
     params = make_linear(0, 3)
     with pytest.raises(ValueError, match="needs a PRNG key"):
