@@ -262,7 +262,7 @@ def run(
         "extended_settings": settings,
         "config": {**seed_results["config"], **{n: cfgs[n].to_dict() for n in _DEFENSE}},
         "training": {**seed_results["training"],
-                     **{n: {k: v for k, v in train_phases.done[f"train_{n}"].items() if k != "config"}
+                     **{n: {k: v for k, v in train_phases.done[f"train_{n}"].items() if k not in ("config", "fingerprint")}
                         for n in _DEFENSE}},  # fmt: skip
         "phase_seconds": {**seed_results["phase_seconds"], **{k: v["seconds"] for k, v in phase.done.items()},
                           **{f"train_{n}": train_phases.done[f"train_{n}"]["seconds"] for n in _DEFENSE}},

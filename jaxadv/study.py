@@ -286,7 +286,8 @@ def run(
             "deepfool": {**df_kwargs, "norm_kind": df_kwargs.get("norm", "l2"), "per_model": stats},
         },
         "config": {name: phases[f"train_{name}"]["config"] for name in DEFENSES},
-        "training": {name: {k: v for k, v in phases[f"train_{name}"].items() if k != "config"} for name in DEFENSES},
+        "training": {name: {k: v for k, v in phases[f"train_{name}"].items() if k not in ("config", "fingerprint")}
+                     for name in DEFENSES},
         "data": {"source": splits.source, "train": len(splits.train.labels), "val": len(splits.val.labels),
                  "test": len(test.labels)},  # fmt: skip
         "seed": seed,
