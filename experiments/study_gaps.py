@@ -53,7 +53,12 @@ def main(argv=None) -> int:
                    "fgsm_at --epochs 18`)")
     p.add_argument("--out", required=True, help="output path without suffix")
     p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--experiments", default="leaking,eps,budget",
+                   help="which of leaking (1), eps (2 and 3), budget (4, needs --at-long-run) to run")
     args = p.parse_args(argv)
+    which = set(args.experiments.split(","))
+    if not which <= {"leaking", "eps", "budget"}:
+        p.error(f"--experiments: unknown {', '.join(sorted(which - {'leaking', 'eps', 'budget'}))}")
 
     t0 = time.perf_counter()
     splits = data.load(args.data, test_subset=args.test_subset, progress=False)
@@ -83,12 +88,12 @@ def main(argv=None) -> int:
 
     # 1. Label leaking.
     apply_a, var_a, _ = models["fgsm_at"]
-    for predicted in (False, True):
+    for predicted in (False, True) if "leaking" in which else ():
         s, _ = attack_eval(apply_a, var_a, x, y, attack=fgsm_attack(apply_a, var_a, 0.1, predicted))
         add("label leaking", "fgsm_at", f"FGSM 0.1, {'predicted' if predicted else 'true'} labels", s)
 
     # 2 and 3. Clean models at each eps scale, and their examples transferred to the median model.
-    for source in ("clean (fast)", "clean (seed recipe)"):
+    for source in ("clean (fast)", "clean (seed recipe)") if "eps" in which else ():
         apply_c, var_c, _ = models[source]
         s, _ = attack_eval(apply_c, var_c, x, y)
         add("source model", source, "none", s)
@@ -97,12 +102,12 @@ def main(argv=None) -> int:
             add("eps scale", source, f"FGSM eps {label}", s, eps=eps)
             s, _ = attack_eval(median_deployed, var_m, x, y, inputs=x_adv)
             add("eps scale", "median (filtered)", f"transfer from {source}, FGSM eps {label}", s, eps=eps)
-    for label, eps in EPS_SCALES.items():
+    for label, eps in EPS_SCALES.items() if "eps" in which else ():
         s, _ = attack_eval(apply_a, var_a, x, y, attack=fgsm_attack(apply_a, var_a, eps))
         add("eps scale", "fgsm_at", f"FGSM eps {label}", s, eps=eps)
 
     # 4. The adversarial training budget.
-    if args.at_long_run:
+    if "budget" in which and args.at_long_run:
         apply_l, var_l, cfg_l = models["fgsm_at, long"] = _load(args.at_long_run)
         s, _ = attack_eval(apply_l, var_l, x, y)
         add("AT budget", f"fgsm_at ({cfg_l.epochs} epochs)", "none", s)
