@@ -20,6 +20,7 @@ section), OUT/results.md (both tables) and OUT/robustness_curves.png.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -278,14 +279,10 @@ def run(
 
 def json_fingerprint(out: Path) -> dict:
     """The seed study's fingerprint, read back from its finished train phase."""
-    import json
-
     return json.loads((out / "phases" / "train_none.json").read_text())["fingerprint"]
 
 
 def _seed_deepfool(out: Path, name: str) -> dict | None:
-    import json
-
     p = out / "phases" / f"eval_{name}.json"
     return json.loads(p.read_text())["attacks"]["deepfool"] if p.exists() else None
 
