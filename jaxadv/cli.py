@@ -137,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--at-eps", type=float, default=8 / 255, help="extended: eps of PGD / fast adversarial training")
     st.add_argument("--pgd-steps", type=_positive_int, default=20, help="extended: steps of the evaluation PGD")
     st.add_argument("--curve-n", type=_positive_int, default=1000, help="extended: test images per curve point")
+    st.add_argument(
+        "--ext-n", type=_positive_int, default=None,
+        help="extended: evaluate the new phases on the first N test images (default: all; the seed cells use all)",
+    )  # fmt: skip
+    st.add_argument("--at-pgd-steps", type=_positive_int, default=None,
+                    help="extended: PGD steps of PGD adversarial training (default: the config's, 7)")  # fmt: skip
+    st.add_argument("--at-co-guard", type=float, default=0.0,
+                    help="extended: catastrophic-overfitting guard of the new trainings (points of PGD-10 val accuracy; "
+                    "0 = off)")  # fmt: skip
 
     b = sub.add_parser(
         "bench", add_help=False,
@@ -317,6 +326,8 @@ def cmd_study(args, log) -> int:
     _check_eps(args.eps)
     if not (math.isfinite(args.deepfool_overshoot) and args.deepfool_overshoot >= 0):
         raise UsageError(f"--deepfool-overshoot must be a finite number >= 0, got {args.deepfool_overshoot}")
+    if not args.at_co_guard >= 0:
+        raise UsageError(f"--at-co-guard must be >= 0 (points), got {args.at_co_guard}")
     if args.clean_run is not None:
         checkpoint.read_meta(_resolve_ckpt_dir(args.clean_run))  # a typo fails now, not after hours of training
     _check_writable(Path(args.out))
@@ -333,6 +344,7 @@ def cmd_study(args, log) -> int:
 
         _check_eps(args.at_eps)
         results = extended.run(splits, args.out, at_eps=args.at_eps, pgd_steps=args.pgd_steps, curve_n=args.curve_n,
+                               ext_n=args.ext_n, at_pgd_steps=args.at_pgd_steps, at_co_guard=args.at_co_guard,
                                **kw)  # fmt: skip
     else:
         results = study.run(splits, args.out, **kw)

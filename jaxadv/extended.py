@@ -53,6 +53,9 @@ def run(
     pgd_steps: int = 20,
     curve_eps: tuple[float, ...] = tuple(np.linspace(0.0, 0.1, 8).round(4)),
     curve_n: int = 1000,
+    ext_n: int | None = None,
+    at_pgd_steps: int | None = None,
+    at_co_guard: float = 0.0,
     detector_val: int = 2000,
     detector_lam: float = 1.0,
     seed: int = 0,
@@ -72,6 +75,12 @@ def run(
       pgd_steps: PGD steps (step size 2.5 eps / steps, one random start).
       curve_eps: L-inf budgets of the robustness curves.
       curve_n: test images per point of the curves (the first curve_n).
+      ext_n: the extended phases (PGD, adaptive attacks, detector) use the first ext_n test
+        images (all if None); the seed study's cells always use the whole test split.
+      at_pgd_steps: PGD steps of PGD adversarial training (the base config's if None).
+      at_co_guard: catastrophic-overfitting guard of the two new trainings, in points of
+        PGD-10 validation accuracy (`TrainConfig.co_guard`; 0 = off). With it the params
+        with the best robust validation accuracy are kept (Rice et al. 2020).
       detector_val: validation images that set the detector threshold.
       detector_lam: weight of the detector score in the adaptive attack.
     """
@@ -82,17 +91,21 @@ def run(
     df_kwargs = seed_results["attack_stats"]["deepfool"]
     df_kwargs = {k: df_kwargs[k] for k in ("num_candidates", "overshoot", "max_iter", "norm") if k in df_kwargs}
     test, val = splits.test, splits.val
+    n_ext = len(test) if ext_n is None else min(ext_n, len(test))
+    test = test.take(np.arange(n_ext))
 
     cfgs = dict(study.model_configs(base, eps))
     for name, defense in _DEFENSE.items():
-        cfgs[name] = base.replace(defense=defense, defense_eps=at_eps)
+        cfgs[name] = base.replace(defense=defense, defense_eps=at_eps, co_guard=at_co_guard)
+    if at_pgd_steps is not None:
+        cfgs["pgd_adversarial_training"] = cfgs["pgd_adversarial_training"].replace(pgd_steps=at_pgd_steps)
     seed_fp = json_fingerprint(out)  # the new models' train phases carry the study's fingerprint
     train_phases = study.Phases(out, seed_fp, log)
     model = study.ModelStore(out, cfgs, splits, train_phases, seed=seed, augment_fn=augment_fn, progress=progress,
                              log=log, clean_run=clean_run)  # fmt: skip
     settings = checkpoint.json_safe({"at_eps": at_eps, "pgd_eps": list(pgd_eps), "pgd_steps": pgd_steps,
                                      "curve_eps": list(curve_eps), "curve_n": curve_n, "detector_val": detector_val,
-                                     "detector_lam": detector_lam})  # fmt: skip
+                                     "detector_lam": detector_lam, "ext_n": n_ext})  # fmt: skip
     phase = study.Phases(out, {**seed_fp, "extended": settings}, log)
     kw = dict(batch_size=attack_batch, progress=progress)
     adv_dir = out / "adv"
@@ -126,6 +139,10 @@ def run(
                                          attack=fgsm_attack(apply_fn, variables), desc=f"{name}/fgsm", **kw)
             res["deepfool"], _ = attack_eval(apply_fn, variables, test.images, test.labels,
                                              attack=deepfool_attack(apply_fn, variables), desc=f"{name}/deepfool", **kw)
+        else:  # the study's models: DeepFool again on this subset, for the L2 curve only
+            res["deepfool_l2"], _ = attack_eval(apply_fn, variables, test.images, test.labels,
+                                                attack=deepfool_attack(apply_fn, variables), desc=f"{name}/deepfool",
+                                                **kw)  # fmt: skip
         for e in pgd_eps:
             keep = name == "none"
             res[pgd_name(e)], x_adv = attack_eval(apply_fn, variables, test.images, test.labels,
@@ -144,7 +161,7 @@ def run(
         through = squeeze.squeezed(apply_fn, squeeze.bpda(filtered_sq))
         res = {"transfer": {}, "adaptive": {}}
         for e in pgd_eps:
-            x_adv = np.load(adv_dir / f"{pgd_name(e).replace('/', '_')}.npy", mmap_mode="r")
+            x_adv = np.load(adv_dir / f"{pgd_name(e).replace('/', '_')}.npy", mmap_mode="r")[:n_ext]
             res["transfer"][pgd_name(e)], _ = attack_eval(deployed, variables, test.images, test.labels, inputs=x_adv,
                                                           desc=f"median/transfer/{pgd_name(e)}", **kw)  # fmt: skip
         # White-box through the filter: gradients of the deployed classifier with BPDA, and
@@ -175,7 +192,7 @@ def run(
                          "fpr_test": float(flagged_clean.mean()), "n": int(len(test.labels))}}  # fmt: skip
         sources = {"fgsm": "fgsm", "deepfool": "deepfool", **{pgd_name(e): pgd_name(e).replace("/", "_") for e in pgd_eps}}
         for attack, fname in sources.items():
-            x_adv = np.load(adv_dir / f"{fname}.npy", mmap_mode="r")
+            x_adv = np.load(adv_dir / f"{fname}.npy", mmap_mode="r")[:n_ext]
             res[attack] = _detector_report(apply_fn, variables, x_adv, test.labels, val_scores, clean_scores, sq,
                                            attack_batch)  # fmt: skip
         objective = detect.adaptive_objective(apply_fn, sq, lam=detector_lam)
@@ -244,13 +261,8 @@ def run(
                       "protocol": f"PGD on margin + {detector_lam:g} x detector score (BPDA); detected or correct"})
 
     # DeepFool L2 curves: accuracy at radius r = correct inputs whose DeepFool perturbation exceeds r.
-    l2 = {}
-    for name in TRAINED:
-        d = white[name]["deepfool"] if name in _DEFENSE else _seed_deepfool(out, name)
-        if d and "norms_correct" in d:
-            l2[name] = d
-    if "norms_correct" in median["adaptive"]["deepfool"]:
-        l2["median_squeezing_adaptive"] = median["adaptive"]["deepfool"]
+    l2 = {name: white[name]["deepfool" if name in _DEFENSE else "deepfool_l2"] for name in TRAINED}
+    l2["median_squeezing_adaptive"] = median["adaptive"]["deepfool"]
     plots.robustness_curves(curves, l2, n_test, out / "robustness_curves.png")
 
     results = {
@@ -280,11 +292,6 @@ def run(
 def json_fingerprint(out: Path) -> dict:
     """The seed study's fingerprint, read back from its finished train phase."""
     return json.loads((out / "phases" / "train_none.json").read_text())["fingerprint"]
-
-
-def _seed_deepfool(out: Path, name: str) -> dict | None:
-    p = out / "phases" / f"eval_{name}.json"
-    return json.loads(p.read_text())["attacks"]["deepfool"] if p.exists() else None
 
 
 def _strip(result: dict) -> dict:
@@ -338,7 +345,10 @@ def _markdown(results: dict, cols: list[str]) -> str:
         "detector": "feature-squeezing detector (detected or correct)",
         "detector_adaptive": "detector vs adaptive PGD (detected or correct)",
     }  # fmt: skip
-    lines = ["## Extended suite", "", "Test accuracy (%); n = " + str(results["data"]["test"]) + ".", "",
+    n_all, n_ext = results["data"]["test"], results["extended_settings"]["ext_n"]
+    scope = (f"n = {n_all}" if n_ext == n_all else
+             f"the seed study's cells on all {n_all} test images, every other cell on the first {n_ext}")
+    lines = ["## Extended suite", "", f"Test accuracy (%); {scope}.", "",
              "| defense \\ attack | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]  # fmt: skip
     for d, label in names.items():
         row = [acc.get((d, a)) for a in cols]

@@ -96,7 +96,7 @@ def robustness_curves(curves: dict, l2: dict, n_test: int, path) -> None:
     Args:
       curves: {"eps": [...], "n": images per point, "curves": {defense: {"fgsm": [...], "pgd": [...]}}}.
       l2: {defense: DeepFool summary with "norms_correct" and "n_correct_unfooled"}.
-      n_test: the number of test images the DeepFool summaries cover.
+      n_test: the number of test images a DeepFool summary covers if it has no "n".
     """
     import numpy as np
 
@@ -115,7 +115,7 @@ def robustness_curves(curves: dict, l2: dict, n_test: int, path) -> None:
     radii = np.linspace(0, top, 100)
     for name, d in l2.items():
         v = np.asarray(d["norms_correct"])
-        acc = [100.0 * ((v > r).sum() + d["n_correct_unfooled"]) / n_test for r in radii]
+        acc = [100.0 * ((v > r).sum() + d["n_correct_unfooled"]) / d.get("n", n_test) for r in radii]
         ax.plot(radii, acc, label=name)
     ax.set(xlabel="L2 radius", ylabel="accuracy (%): correct and DeepFool norm > radius", ylim=(0, 100),
            title=f"DeepFool (L2), white-box (n = {n_test})")  # fmt: skip
