@@ -106,7 +106,8 @@ def run(
     settings = checkpoint.json_safe({"at_eps": at_eps, "pgd_eps": list(pgd_eps), "pgd_steps": pgd_steps,
                                      "curve_eps": list(curve_eps), "curve_n": curve_n, "detector_val": detector_val,
                                      "detector_lam": detector_lam, "ext_n": n_ext})  # fmt: skip
-    phase = study.Phases(out, {**seed_fp, "extended": settings}, log)
+    # Evaluation phases: changed settings (--ext-n, --pgd-steps, ...) recompute them and reuse the models.
+    phase = study.Phases(out, {**seed_fp, "extended": settings}, log, recompute_stale=True)
     kw = dict(batch_size=attack_batch, progress=progress)
     adv_dir = out / "adv"
     median_size = cfgs["median_squeezing"].median_size

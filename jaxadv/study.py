@@ -55,23 +55,27 @@ def model_configs(base: TrainConfig, eps: float) -> dict[str, TrainConfig]:
 
 class Phases:
     """Run named phases once: each result is stored in OUT/phases/<name>.json (atomically)
-    with the run's fingerprint, and a rerun reuses it (or refuses other settings)."""
+    with the run's fingerprint, and a rerun reuses it. A phase stored with other settings is
+    refused (trainings: hours of work), or recomputed if `recompute_stale` (evaluations)."""
 
-    def __init__(self, out: Path, fingerprint: dict, log: Callable[[str], None]):
+    def __init__(self, out: Path, fingerprint: dict, log: Callable[[str], None], *, recompute_stale: bool = False):
         self.out, self.fingerprint, self.log = out, fingerprint, log
+        self.recompute_stale = recompute_stale
         self.done: dict[str, dict] = {}
 
     def __call__(self, name: str, fn: Callable[[], dict]) -> dict:
         path = self.out / "phases" / f"{name}.json"
         if path.exists():
             done = json.loads(path.read_text())
-            if done.get("fingerprint") != self.fingerprint:
+            if done.get("fingerprint") == self.fingerprint:
+                self.done[name] = done
+                self.log(f"[{name}] done before ({done['seconds']:.0f}s); skipped")
+                return done
+            if not self.recompute_stale:
                 raise ValueError(
                     f"{self.out} holds a study run with other settings (phase {name}); use a new --out, or the same flags"
                 )
-            self.done[name] = done
-            self.log(f"[{name}] done before ({done['seconds']:.0f}s); skipped")
-            return done
+            self.log(f"[{name}] stored with other settings; recomputing")
         self.log(f"[{name}] ...")
         t0 = time.perf_counter()
         result = fn()

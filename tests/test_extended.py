@@ -68,3 +68,15 @@ def test_extended_rerun_skips_every_phase(ext_run):
     again = extended.run(splits, out, log=lines.append, **kw)
     assert not any(line.endswith("...") for line in lines), [line for line in lines if line.endswith("...")]
     assert again["cells"] == results["cells"]
+
+
+def test_ext_n_limits_the_new_phases_not_the_seed_cells_or_the_trainings(ext_run):
+    out, splits, kw, _ = ext_run
+    lines = []
+    results = extended.run(splits, out, log=lines.append, **{**kw, "ext_n": 16})
+    assert not any(line.startswith("[train_") and line.endswith("...") for line in lines)  # models reused
+    seed_pairs = {(d, a) for d in study.DEFENSES for a in study.ATTACKS}
+    for c in results["cells"]:
+        assert c["n"] == (40 if (c["defense"], c["attack"]) in seed_pairs else 16), c
+    assert results["detector"]["per_attack"]["clean"]["n"] == 16
+    assert "every other cell on the first 16" in (out / "results.md").read_text()
