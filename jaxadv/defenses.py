@@ -100,12 +100,12 @@ def robust_monitor(cfg: TrainConfig, apply_fn: ApplyFn, images, labels, *, n: in
     eps = cfg.defense_eps
 
     @jax.jit
-    def accuracy(variables):
+    def accuracy(variables, x, y):  # the data as arguments, not closed-over constants
         x_adv = pgd(apply_fn, variables, x, y, eps=eps, step_size=eps / 4, steps=steps, key=jax.random.key(0),
                     jit=False)  # fmt: skip
         return 100.0 * jnp.mean(jnp.argmax(apply_fn(variables, x_adv), -1) == y)
 
-    return lambda variables: float(accuracy(variables))
+    return lambda variables: float(accuracy(variables, x, y))
 
 
 def eval_squeezer(cfg: TrainConfig):

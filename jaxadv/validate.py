@@ -23,8 +23,10 @@ def is_concrete(value: Any) -> bool:
 
 def _min_max(x: Any) -> tuple[float, float]:
     if isinstance(x, jax.Array):
-        # Reduce on device and fetch two scalars instead of copying the whole batch.
-        lo, hi = jax.device_get((jnp.min(x), jnp.max(x)))
+        # Reduce on device and fetch two scalars instead of copying the whole batch. Eagerly,
+        # also when a concrete array is closed over inside someone's jit trace.
+        with jax.ensure_compile_time_eval():
+            lo, hi = jax.device_get((jnp.min(x), jnp.max(x)))
         return float(lo), float(hi)
     x = np.asarray(x)
     return float(x.min()), float(x.max())

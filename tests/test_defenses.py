@@ -136,3 +136,21 @@ def test_fast_adversarial_training_beats_clean_training_under_pgd():
         return pgd(f, v, x, y, eps=AT_EPS, step_size=AT_EPS / 4, steps=10, key=jax.random.key(1))
 
     assert _accuracy_under("fast_at", attack) > _accuracy_under("none", attack) + 10
+
+
+def test_robust_monitor_is_pgd_accuracy_on_the_first_n_validation_images(getkey):
+    from jaxadv.attacks import pgd
+
+    model = tiny_cnn(num_classes=4)
+    apply_fn = make_apply(model)
+    params = init_params(model, getkey())
+    splits = data.synthetic(8, 40, num_classes=4, val_size=40, seed=2)
+    images, labels = splits.val.images, splits.val.labels
+    assert defenses.robust_monitor(TINY, apply_fn, images, labels) is None  # no adversarial training: off
+    assert defenses.robust_monitor(TINY.replace(defense="fast_at"), apply_fn, images, labels) is None  # guard 0: off
+    cfg = TINY.replace(defense="fast_at", defense_eps=0.05, co_guard=10.0)
+    monitor = defenses.robust_monitor(cfg, apply_fn, images, labels, n=32, steps=3)
+    x, y = images[:32] / np.float32(255), labels[:32]
+    x_adv = pgd(apply_fn, params, x, y, eps=0.05, step_size=0.05 / 4, steps=3, key=jax.random.key(0))
+    expected = 100.0 * float(np.mean(np.argmax(apply_fn(params, x_adv), -1) == y))
+    assert monitor(params) == pytest.approx(expected, abs=1e-4)
