@@ -420,6 +420,7 @@ def fit(
         log(
             f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc {record['train_accuracy_pct']:.2f}%"
             + (f", val loss {record['val_loss']:.4f} acc {record['val_accuracy_pct']:.2f}%" if "val_loss" in record else "")
+            + (f", val PGD acc {record['val_robust_accuracy_pct']:.2f}%" if "val_robust_accuracy_pct" in record else "")
             + f", {train_seconds:.1f}s, {record['img_per_s']:.0f} img/s"
         )
         if ckpt_dir:

@@ -114,7 +114,7 @@ def test_fast_and_pgd_transforms_are_random_start_pgd(getkey):
 def test_catastrophic_overfitting_guard_stops_and_keeps_the_most_robust_params():
     splits = data.synthetic(128, 32, num_classes=4, val_size=32, seed=8)
     robust = iter([40.0, 60.0, 20.0, 70.0])
-    seen = []
+    seen, lines = [], []
 
     def robust_eval(variables):
         seen.append(jax.tree.map(np.asarray, variables))
@@ -122,8 +122,10 @@ def test_catastrophic_overfitting_guard_stops_and_keeps_the_most_robust_params()
 
     cfg = TINY.replace(epochs=4, co_guard=30.0)
     res = train.fit(cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
-                    key=jax.random.key(0), num_classes=4, robust_eval=robust_eval, progress=False)  # fmt: skip
+                    key=jax.random.key(0), num_classes=4, robust_eval=robust_eval, progress=False,
+                    log=lines.append)  # fmt: skip
     assert res.stopped_early and len(res.history) == 3  # 60 -> 20 is a drop of 40 > 30
+    assert "val PGD acc 60.00%" in lines[1] and "catastrophic overfitting" in " ".join(lines)
     assert [h["val_robust_accuracy_pct"] for h in res.history] == [40.0, 60.0, 20.0]
     for a, b in zip(jax.tree.leaves(res.state.variables), jax.tree.leaves(seen[1])):
         np.testing.assert_array_equal(np.asarray(a), b)  # epoch 2's params: the most robust
