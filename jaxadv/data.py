@@ -255,7 +255,9 @@ def make_splits(
     return Splits(train=train, val=val, test=test, class_names=train.class_names, source=source)
 
 
-def balanced_indices(labels: np.ndarray, n: int, rng: np.random.Generator, *, what: str = "n") -> np.ndarray:
+def balanced_indices(
+    labels: np.ndarray, n: int, rng: np.random.Generator, *, what: str = "n", sort: bool = True
+) -> np.ndarray:
     """Choose `n` indices spread as evenly over the classes as the data allows.
 
     Classes take turns in a random order, each contributing its next randomly chosen
@@ -267,9 +269,13 @@ def balanced_indices(labels: np.ndarray, n: int, rng: np.random.Generator, *, wh
         n: how many indices to choose, 0 <= n <= N.
         rng: NumPy generator (the only randomness used).
         what: argument name for the error message.
+        sort: return the indices sorted (the data's own order). If False, return them in
+            the order chosen (class by class in turns), so that every prefix is balanced
+            too: the splits are stored class by class, and a prefix of a sorted selection
+            (e.g. "the first 500 test images") is one or two classes.
 
     Returns:
-        int64[n] sorted indices into `labels`.
+        int64[n] indices into `labels`.
     """
     if not 0 <= n <= len(labels):
         raise ValueError(f"{what}={n} must be between 0 and the split size {len(labels)}")
@@ -285,7 +291,7 @@ def balanced_indices(labels: np.ndarray, n: int, rng: np.random.Generator, *, wh
     class_turn = np.empty(int(classes.max(initial=0)) + 1, np.int64)
     class_turn[classes] = rng.permutation(len(classes))
     chosen = perm[np.lexsort((class_turn[shuffled], rank))[:n]]
-    return np.sort(chosen)
+    return np.sort(chosen) if sort else chosen
 
 
 def _default_cache_dir() -> pathlib.Path:

@@ -85,7 +85,7 @@ def batch_transform(cfg: TrainConfig, apply_fn: ApplyFn | None = None) -> BatchT
 
 
 def robust_monitor(cfg: TrainConfig, apply_fn: ApplyFn, images, labels, *, n: int = 512, steps: int = 10):
-    """`variables -> PGD accuracy (%)` on the first `n` validation images, or None.
+    """`variables -> PGD accuracy (%)` on `n` class-balanced validation images, or None.
 
     Returned only for adversarial training with `cfg.co_guard > 0`: PGD-`steps` at
     `cfg.defense_eps`, step eps/4, one fixed random start (the same every epoch, so epochs
@@ -95,8 +95,13 @@ def robust_monitor(cfg: TrainConfig, apply_fn: ApplyFn, images, labels, *, n: in
         return None
     import numpy as np
 
-    x = jnp.asarray(np.asarray(images[:n]), jnp.float32) / 255.0
-    y = jnp.asarray(np.asarray(labels[:n]))
+    from jaxadv.data import balanced_indices
+
+    # A seeded class-balanced subset: the splits are stored class by class, so a prefix
+    # would watch one or two classes only.
+    idx = balanced_indices(np.asarray(labels), min(n, len(labels)), np.random.default_rng(0))
+    x = jnp.asarray(np.asarray(images)[idx], jnp.float32) / 255.0
+    y = jnp.asarray(np.asarray(labels)[idx])
     eps = cfg.defense_eps
 
     @jax.jit

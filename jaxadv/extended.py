@@ -27,7 +27,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxadv import checkpoint, detect, plots, squeeze, study
+from jaxadv import checkpoint, data, detect, plots, squeeze, study
 from jaxadv.attacks import deepfool, fgsm_jit, pgd
 from jaxadv.configs import TrainConfig
 from jaxadv.evaluation import attack_eval
@@ -92,7 +92,12 @@ def run(
     df_kwargs = {k: df_kwargs[k] for k in ("num_candidates", "overshoot", "max_iter", "norm") if k in df_kwargs}
     test, val = splits.test, splits.val
     n_ext = len(test) if ext_n is None else min(ext_n, len(test))
-    test = test.take(np.arange(n_ext))
+    # The splits are stored class by class: subsets are seeded, class-balanced and in
+    # class-interleaved order, so that the curves' prefix (curve_n) is balanced too.
+    ext_idx = data.balanced_indices(test.labels, n_ext, np.random.default_rng(seed), what="ext_n", sort=False)
+    test = test.take(ext_idx)
+    n_val = min(detector_val, len(val))
+    val = val.take(data.balanced_indices(val.labels, n_val, np.random.default_rng(seed + 1), sort=False))
 
     cfgs = dict(study.model_configs(base, eps))
     for name, defense in _DEFENSE.items():
@@ -105,7 +110,8 @@ def run(
                              log=log, clean_run=clean_run)  # fmt: skip
     settings = checkpoint.json_safe({"at_eps": at_eps, "pgd_eps": list(pgd_eps), "pgd_steps": pgd_steps,
                                      "curve_eps": list(curve_eps), "curve_n": curve_n, "detector_val": detector_val,
-                                     "detector_lam": detector_lam, "ext_n": n_ext})  # fmt: skip
+                                     "detector_lam": detector_lam, "ext_n": n_ext,
+                                     "subsets": "class-balanced, interleaved"})  # fmt: skip
     # Evaluation phases: changed settings (--ext-n, --pgd-steps, ...) recompute them and reuse the models.
     phase = study.Phases(out, {**seed_fp, "extended": settings}, log, recompute_stale=True)
     kw = dict(batch_size=attack_batch, progress=progress)
@@ -162,7 +168,7 @@ def run(
         through = squeeze.squeezed(apply_fn, squeeze.bpda(filtered_sq))
         res = {"transfer": {}, "adaptive": {}}
         for e in pgd_eps:
-            x_adv = np.load(adv_dir / f"{pgd_name(e).replace('/', '_')}.npy", mmap_mode="r")[:n_ext]
+            x_adv = np.load(adv_dir / f"{pgd_name(e).replace('/', '_')}.npy")  # made on this subset
             res["transfer"][pgd_name(e)], _ = attack_eval(deployed, variables, test.images, test.labels, inputs=x_adv,
                                                           desc=f"median/transfer/{pgd_name(e)}", **kw)  # fmt: skip
         # White-box through the filter: gradients of the deployed classifier with BPDA, and
@@ -185,7 +191,7 @@ def run(
     def eval_detector():
         apply_fn, variables, _ = model("none")
         sq = detect.cifar10_squeezers()
-        val_scores = detect.scores(apply_fn, variables, val.images[:detector_val], sq, batch_size=attack_batch)
+        val_scores = detect.scores(apply_fn, variables, val.images, sq, batch_size=attack_batch)
         clean_scores = detect.scores(apply_fn, variables, test.images, sq, batch_size=attack_batch)
         pred_clean = _predict(apply_fn, variables, test.images, attack_batch)
         flagged_clean = clean_scores > detect.threshold_at_fpr(val_scores)
@@ -193,7 +199,9 @@ def run(
                          "fpr_test": float(flagged_clean.mean()), "n": int(len(test.labels))}}  # fmt: skip
         sources = {"fgsm": "fgsm", "deepfool": "deepfool", **{pgd_name(e): pgd_name(e).replace("/", "_") for e in pgd_eps}}
         for attack, fname in sources.items():
-            x_adv = np.load(adv_dir / f"{fname}.npy", mmap_mode="r")[:n_ext]
+            x_adv = np.load(adv_dir / f"{fname}.npy", mmap_mode="r")
+            # The study's FGSM and DeepFool examples cover its whole test split; PGD's, this subset.
+            x_adv = x_adv[ext_idx] if attack in ("fgsm", "deepfool") else np.asarray(x_adv)
             res[attack] = _detector_report(apply_fn, variables, x_adv, test.labels, val_scores, clean_scores, sq,
                                            attack_batch)  # fmt: skip
         objective = detect.adaptive_objective(apply_fn, sq, lam=detector_lam)

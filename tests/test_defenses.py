@@ -152,7 +152,9 @@ def test_robust_monitor_is_pgd_accuracy_on_the_first_n_validation_images(getkey)
     assert defenses.robust_monitor(TINY.replace(defense="fast_at"), apply_fn, images, labels) is None  # guard 0: off
     cfg = TINY.replace(defense="fast_at", defense_eps=0.05, co_guard=10.0)
     monitor = defenses.robust_monitor(cfg, apply_fn, images, labels, n=32, steps=3)
-    x, y = images[:32] / np.float32(255), labels[:32]
+    idx = data.balanced_indices(labels, 32, np.random.default_rng(0))
+    assert np.bincount(labels[idx], minlength=4).min() >= 7  # all classes watched, not a prefix
+    x, y = images[idx] / np.float32(255), labels[idx]
     x_adv = pgd(apply_fn, params, x, y, eps=0.05, step_size=0.05 / 4, steps=3, key=jax.random.key(0))
     expected = 100.0 * float(np.mean(np.argmax(apply_fn(params, x_adv), -1) == y))
     assert monitor(params) == pytest.approx(expected, abs=1e-4)

@@ -80,3 +80,23 @@ def test_ext_n_limits_the_new_phases_not_the_seed_cells_or_the_trainings(ext_run
         assert c["n"] == (40 if (c["defense"], c["attack"]) in seed_pairs else 16), c
     assert results["detector"]["per_attack"]["clean"]["n"] == 16
     assert "every other cell on the first 16" in (out / "results.md").read_text()
+
+
+def test_ext_subset_is_balanced_and_the_study_examples_are_aligned_with_it(ext_run):
+    import jax
+    import numpy as np
+
+    from jaxadv import train
+    from jaxadv.attacks import fgsm_jit
+
+    out, splits, kw, _ = ext_run
+    results = extended.run(splits, out, log=lambda s: None, **{**kw, "ext_n": 20})
+    idx = data.balanced_indices(splits.test.labels, 20, np.random.default_rng(0), sort=False)
+    assert np.bincount(splits.test.labels[idx], minlength=4).tolist() == [5, 5, 5, 5]
+    assert np.bincount(splits.test.labels[idx[:8]], minlength=4).tolist() == [2, 2, 2, 2]  # prefixes too
+    # The detector's FGSM report reads the study's FGSM examples of these very images.
+    apply_fn, params, _, _ = train.load_trained(out / "models" / "none" / "checkpoints")
+    x = splits.test.images[idx] / np.float32(255)
+    fooled = np.asarray(jax.numpy.argmax(apply_fn(params, fgsm_jit(apply_fn, params, x, splits.test.labels[idx],
+                                                                     eps=kw["eps"])), -1)) != splits.test.labels[idx]
+    assert results["detector"]["per_attack"]["fgsm"]["n_successful"] == int(fooled.sum())
