@@ -15,7 +15,7 @@ tables) and FILE.png (scaling with batch size; jaxadv against the peers).
 
 Weights: `--checkpoint RUN` (a `jaxadv train` output) uses trained weights, which DeepFool
 needs for meaningful iteration counts; without it, a freshly initialized `fast`-preset
-model. Inputs: `--data` takes the first test images of the archive (real labels, so
+model. Inputs: `--data` takes a class-balanced set of test images (real labels, so
 adversarial accuracies mean something); without it, uniform random images.
 
 `--devices 1,2,4` reruns forward, FGSM and the train step in subprocesses with
@@ -107,8 +107,12 @@ class Setting:
             from jaxadv import data as data_mod
 
             splits = data_mod.load(data, test_subset=n, seed=seed, progress=False)
-            self.images_u8, self.labels = splits.test.images, splits.test.labels.astype(np.int32)
-            self.inputs = f"first {n} test images of {data} (seeded class-balanced subset)"
+            # The subset is stored class by class: interleave the classes so that every
+            # batch (a prefix of the pool) is balanced too.
+            order = data_mod.balanced_indices(splits.test.labels, len(splits.test), np.random.default_rng(seed),
+                                              sort=False)  # fmt: skip
+            self.images_u8, self.labels = splits.test.images[order], splits.test.labels[order].astype(np.int32)
+            self.inputs = f"{n} test images of {data} (seeded class-balanced subset, classes interleaved)"
         else:
             rng = np.random.default_rng(seed)
             self.images_u8 = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
