@@ -356,7 +356,7 @@ def _markdown(results: dict, cols: list[str]) -> str:
     }  # fmt: skip
     n_all, n_ext = results["data"]["test"], results["extended_settings"]["ext_n"]
     scope = (f"n = {n_all}" if n_ext == n_all else
-             f"the seed study's cells on all {n_all} test images, every other cell on the first {n_ext}")
+             f"the seed study's cells on all {n_all} test images, every other cell on a class-balanced subset of {n_ext}")
     lines = ["## Extended suite", "", f"Test accuracy (%); {scope}.", "",
              "| defense \\ attack | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]  # fmt: skip
     for d, label in names.items():

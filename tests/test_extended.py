@@ -79,7 +79,7 @@ def test_ext_n_limits_the_new_phases_not_the_seed_cells_or_the_trainings(ext_run
     for c in results["cells"]:
         assert c["n"] == (40 if (c["defense"], c["attack"]) in seed_pairs else 16), c
     assert results["detector"]["per_attack"]["clean"]["n"] == 16
-    assert "every other cell on the first 16" in (out / "results.md").read_text()
+    assert "every other cell on a class-balanced subset of 16" in (out / "results.md").read_text()
 
 
 def test_ext_subset_is_balanced_and_the_study_examples_are_aligned_with_it(ext_run):
