@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--curve-n", type=_positive_int, default=1000, help="extended: test images per curve point")
     st.add_argument(
         "--ext-n", type=_positive_int, default=None,
-        help="extended: evaluate the new phases on the first N test images (default: all; the seed cells use all)",
+        help="extended: evaluate the new phases on a seeded class-balanced subset of N test images (default: all; "
+        "the seed cells use all)",
     )  # fmt: skip
     st.add_argument("--at-pgd-steps", type=_positive_int, default=None,
                     help="extended: PGD steps of PGD adversarial training (default: the config's, 7)")  # fmt: skip

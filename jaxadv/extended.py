@@ -74,9 +74,11 @@ def run(
       pgd_eps: the white-box PGD budgets of the table's PGD columns.
       pgd_steps: PGD steps (step size 2.5 eps / steps, one random start).
       curve_eps: L-inf budgets of the robustness curves.
-      curve_n: test images per point of the curves (the first curve_n).
-      ext_n: the extended phases (PGD, adaptive attacks, detector) use the first ext_n test
-        images (all if None); the seed study's cells always use the whole test split.
+      curve_n: test images per point of the curves (the first curve_n of the ext_n subset,
+        whose order interleaves the classes, so they are balanced too).
+      ext_n: the extended phases (PGD, adaptive attacks, detector) use a seeded,
+        class-balanced subset of ext_n test images (all if None); the seed study's cells
+        always use the whole test split.
       at_pgd_steps: PGD steps of PGD adversarial training (the base config's if None).
       at_co_guard: catastrophic-overfitting guard of the two new trainings, in points of
         PGD-10 validation accuracy (`TrainConfig.co_guard`; 0 = off). With it the params
