@@ -140,7 +140,7 @@ def test_fast_adversarial_training_beats_clean_training_under_pgd():
     assert _accuracy_under("fast_at", attack) > _accuracy_under("none", attack) + 10
 
 
-def test_robust_monitor_is_pgd_accuracy_on_the_first_n_validation_images(getkey):
+def test_robust_monitor_is_pgd_accuracy_on_n_class_balanced_validation_images(getkey):
     from jaxadv.attacks import pgd
 
     model = tiny_cnn(num_classes=4)
