@@ -62,7 +62,7 @@ def _time(fn: Callable[[], Any], *, warmup: int, repeats: int) -> dict:
     """Median and spread of `repeats` calls of `fn` after `warmup`; the first call apart."""
     t = bench.time_call(fn, warmup=warmup, repeats=repeats)
     return {"median_s": t["median_s"], "min_s": t["min_s"], "max_s": t["max_s"], "first_call_s": t["compile_s"],
-            "times_s": t["times_s"]}  # fmt: skip
+            "times_s": t["times_s"], "calls_per_sample": t["calls_per_sample"]}  # fmt: skip
 
 
 def _record(op: str, impl: str, batch: int, timing: dict, **extra) -> dict:
@@ -348,7 +348,9 @@ def markdown(report: dict) -> str:
              f"{env.get('versions', {}).get('jax')} on "
              f"{env.get('backend')} ({env.get('device_count')} device(s)); commit {report.get('git_commit')}.",
              f"Weights: {report['weights']}. Inputs: {report['inputs']}. Timings: median of {report['repeats']} "
-             f"calls after {report['warmup']} warm-up; spread = slowest..fastest call.", ""]  # fmt: skip
+             f"samples after a warm-up of at least {report['warmup']} call(s) and 0.25 s; a sample is one call, "
+             f"or for fast ops enough back-to-back calls to last 10 ms (per-call time reported); "
+             f"spread = slowest..fastest sample.", ""]  # fmt: skip
     mine = [r for r in recs if r["impl"] == "jaxadv"]
     peer = [r for r in recs if r["impl"] != "jaxadv" and "devices" not in r]
     if peer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Any, Callable
@@ -9,30 +10,52 @@ from typing import Any, Callable
 import jax
 
 
-def time_call(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5) -> dict:
-    """Time `fn()` (which must return JAX arrays); the first call is the compile.
+def time_call(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    min_warmup_s: float = 0.25,
+    min_sample_s: float = 0.01,
+) -> dict:
+    """Time `fn()` (which must return JAX arrays, or anything already computed); the first call is the compile.
+
+    Warm-up runs at least `warmup` calls and at least `min_warmup_s` seconds: sub-ms
+    kernels run 2-4x slower for their first calls (thread pool wake-up, page faults), so a
+    fixed count of one or two calls is not a steady state. Each of the `repeats` timed
+    samples then groups enough back-to-back calls to last `min_sample_s` (like
+    `timeit.Timer.autorange`), so timer resolution and per-sample jitter do not dominate
+    fast ops; times are reported per call.
 
     Returns:
       {"compile_s": the first call (compilation plus one run; use `compile_seconds` for
-       the compile alone), "times_s": steady-state seconds per call,
-       "median_s", "min_s", "max_s"}
+       the compile alone), "times_s": steady-state seconds per call, one per sample,
+       "median_s", "min_s", "max_s", "calls_per_sample"}
     """
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
+    warm, n, t_start = [], 0, time.perf_counter()
+    while n < warmup or (time.perf_counter() - t_start < min_warmup_s and n < 10_000):
+        t0 = time.perf_counter()
         jax.block_until_ready(fn())
+        warm.append(time.perf_counter() - t0)
+        n += 1
+    est = statistics.median(warm) if warm else compile_s
+    inner = max(1, min(10_000, math.ceil(min_sample_s / max(est, 1e-9))))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
+        for _ in range(inner):
+            jax.block_until_ready(fn())
+        times.append((time.perf_counter() - t0) / inner)
     return {
         "compile_s": compile_s,
         "times_s": times,
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
+        "calls_per_sample": inner,
     }
 
 

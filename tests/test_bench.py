@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from benchmarks import run
-from jaxadv import cli
+from jaxadv import bench, cli
 
 
 def test_harness_writes_json_markdown_and_plot(tmp_path):
@@ -72,3 +72,34 @@ def test_jaxadv_bench_forwards_to_the_harness(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--only", "nope"])
     assert "unknown op(s) nope" in capsys.readouterr().err
+
+
+def test_time_call_warms_up_by_time_and_groups_fast_calls(monkeypatch):
+    # A fake clock: every call of fn takes exactly 1 ms.
+    clock = {"t": 0.0, "calls": 0}
+
+    def fn():
+        clock["t"] += 1e-3
+        clock["calls"] += 1
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["t"])
+    t = bench.time_call(fn, warmup=2, repeats=5, min_warmup_s=0.25, min_sample_s=0.01)
+    assert t["calls_per_sample"] in (10, 11)  # 10 ms samples of 1 ms calls
+    assert len(t["times_s"]) == 5
+    np.testing.assert_allclose(t["times_s"], 1e-3, rtol=1e-6)  # reported per call
+    # first call + a warm-up of >= 0.25 s (250 calls, not just 2) + 5 samples
+    warm = clock["calls"] - 1 - 5 * t["calls_per_sample"]
+    assert 250 <= warm <= 252
+
+
+def test_time_call_slow_calls_are_timed_one_by_one(monkeypatch):
+    clock = {"t": 0.0, "calls": 0}
+
+    def fn():
+        clock["t"] += 0.5
+        clock["calls"] += 1
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["t"])
+    t = bench.time_call(fn, warmup=1, repeats=5)
+    assert t["calls_per_sample"] == 1 and clock["calls"] == 1 + 1 + 5
+    assert t["median_s"] == 0.5

@@ -25,7 +25,7 @@ def random_batch(shape, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8])
-@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 5, 6, 1)])
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 5, 6, 1), (1, 1, 2, 2), (1, 2, 1, 1)])
 @pytest.mark.parametrize("size", [2, 3, 4, 5])
 def test_median_filter_equals_scipy_reflect(size, shape, dtype):
     x = random_batch(shape, dtype, seed=size)
@@ -44,11 +44,17 @@ def test_median_filter_even_size_convention():
     np.testing.assert_array_equal(np.asarray(median_filter(x, size=4)).ravel(), [1, 1, 2, 10])
 
 
-@pytest.mark.parametrize("method", ["sort", "opt_med9"])
-def test_median_filter_methods_agree(method):
-    x = jnp.asarray(random_batch((2, 6, 5, 3), np.float32, seed=7))
-    np.testing.assert_array_equal(np.asarray(median_filter(x, size=3, method=method)),
-                                  np.asarray(median_filter(x, size=3)))
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+@pytest.mark.parametrize("method", ["separable", "network", "sort", "opt_med9"])
+def test_median_filter_3x3_methods_equal_scipy(method, dtype):
+    # uint8 values drawn from 0..3, so ties are frequent and every compare-exchange
+    # meets equal inputs.
+    x = random_batch((2, 6, 5, 3), dtype, seed=7)
+    if dtype == np.uint8:
+        x = x % 4
+    expected = scipy.ndimage.median_filter(x, size=(1, 3, 3, 1), mode="reflect")
+    np.testing.assert_array_equal(np.asarray(median_filter(jnp.asarray(x), size=3, method=method)),
+                                  expected)
 
 
 def test_median_filter_size_one_and_bad_args():
@@ -58,8 +64,10 @@ def test_median_filter_size_one_and_bad_args():
         median_filter(x[0], size=3)
     with pytest.raises(ValueError, match="size must be an int >= 1"):
         median_filter(x, size=0)
-    with pytest.raises(ValueError, match="3x3 network"):
+    with pytest.raises(ValueError, match="3x3 kernel"):
         median_filter(x, size=5, method="opt_med9")
+    with pytest.raises(ValueError, match="3x3 kernel"):
+        median_filter(x, size=5, method="separable")
 
 
 def test_bit_depth_formula_and_idempotence():
