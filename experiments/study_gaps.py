@@ -17,6 +17,9 @@ All on the full test split, FGSM with true labels unless said otherwise:
   4. The training budget of FGSM adversarial training (with --at-long-run): the same
      recipe trained for as many epochs as the clean model (18 instead of 8); clean
      accuracy and FGSM with true and predicted labels.
+  5. The median model's recipe (with --seed-median-run): a median-squeezed model trained
+     with the study's recipe (`jaxadv train --config seed --defense median`) instead of the
+     `fast` preset, fed the same transferred FGSM examples at each eps scale.
 Writes OUT.json and OUT.md. Cheap (FGSM only): a few minutes on 2 CPU cores.
 """
 
@@ -51,14 +54,18 @@ def main(argv=None) -> int:
     p.add_argument("--seed-run", required=True, help="a clean model trained with `jaxadv train --config seed`")
     p.add_argument("--at-long-run", default=None, help="an FGSM-AT model trained longer (`jaxadv train --defense "
                    "fgsm_at --epochs 18`)")
+    p.add_argument("--seed-median-run", default=None, help="a median-squeezed model trained with the study's recipe "
+                   "(`jaxadv train --config seed --defense median`)")
     p.add_argument("--out", required=True, help="output path without suffix")
     p.add_argument("--test-subset", type=int, default=None)
-    p.add_argument("--experiments", default="leaking,eps,budget",
-                   help="which of leaking (1), eps (2 and 3), budget (4, needs --at-long-run) to run")
+    p.add_argument("--experiments", default="leaking,eps,budget,median",
+                   help="which of leaking (1), eps (2 and 3), budget (4, needs --at-long-run), median (5, needs "
+                   "--seed-median-run) to run")
     args = p.parse_args(argv)
     which = set(args.experiments.split(","))
-    if not which <= {"leaking", "eps", "budget"}:
-        p.error(f"--experiments: unknown {', '.join(sorted(which - {'leaking', 'eps', 'budget'}))}")
+    known = {"leaking", "eps", "budget", "median"}
+    if not which <= known:
+        p.error(f"--experiments: unknown {', '.join(sorted(which - known))}")
 
     t0 = time.perf_counter()
     splits = data.load(args.data, test_subset=args.test_subset, progress=False)
@@ -117,6 +124,24 @@ def main(argv=None) -> int:
             s, _ = attack_eval(apply_l, var_l, x, y, attack=fgsm_attack(apply_l, var_l, 0.1, predicted))
             add("AT budget", f"fgsm_at ({cfg_l.epochs} epochs)",
                 f"FGSM 0.1, {'predicted' if predicted else 'true'} labels", s)  # fmt: skip
+
+    # 5. The median model's training recipe.
+    if "median" in which and args.seed_median_run:
+        apply_r, var_r, cfg_r = models["median (seed recipe)"] = _load(args.seed_median_run)
+        recipe_deployed = squeeze.squeezed(apply_r, squeeze.median_squeezer(cfg_r.median_size))
+        for name, (deployed, variables) in {"median (fast)": (median_deployed, var_m),
+                                            "median (seed recipe)": (recipe_deployed, var_r)}.items():
+            s, _ = attack_eval(deployed, variables, x, y)
+            add("median recipe", f"{name}, filtered", "none", s)
+        for source in ("clean (fast)", "clean (seed recipe)"):
+            apply_c, var_c, _ = models[source]
+            for label, eps in EPS_SCALES.items():
+                _, x_adv = attack_eval(apply_c, var_c, x, y, attack=fgsm_attack(apply_c, var_c, eps), keep_adv=True)
+                for name, (deployed, variables) in {"median (fast)": (median_deployed, var_m),
+                                                    "median (seed recipe)": (recipe_deployed, var_r)}.items():
+                    s, _ = attack_eval(deployed, variables, x, y, inputs=x_adv)
+                    add("median recipe", f"{name}, filtered", f"transfer from {source}, FGSM eps {label}", s,
+                        eps=eps)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
