@@ -346,7 +346,8 @@ def markdown(report: dict) -> str:
     lines = [f"# jaxadv benchmark ({report['mode']})", "",
              f"Machine: {env.get('cpu', '?')}, {env.get('cpu_count', '?')} cores; JAX "
              f"{env.get('versions', {}).get('jax')} on "
-             f"{env.get('backend')} ({env.get('device_count')} device(s)); commit {report.get('git_commit')}.",
+             f"{env.get('backend')} ({env.get('device_count')} device(s)); XLA_FLAGS `{env.get('xla_flags', '')}`; "
+             f"commit {report.get('git_commit')}.",
              f"Weights: {report['weights']}. Inputs: {report['inputs']}. Timings: median of {report['repeats']} "
              f"samples after a warm-up of at least {report['warmup']} call(s) and 0.25 s; a sample is one call, "
              f"or for fast ops enough back-to-back calls to last 10 ms (per-call time reported); "

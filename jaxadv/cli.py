@@ -202,6 +202,7 @@ def environment() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "versions": _versions(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "git_commit": commit,
     }
 
