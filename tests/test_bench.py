@@ -103,3 +103,32 @@ def test_time_call_slow_calls_are_timed_one_by_one(monkeypatch):
     t = bench.time_call(fn, warmup=1, repeats=5)
     assert t["calls_per_sample"] == 1 and clock["calls"] == 1 + 1 + 5
     assert t["median_s"] == 0.5
+
+
+def test_time_interleaved_alternates_samples_and_shares_slow_spells(monkeypatch):
+    # A fake clock where every call costs its function's base time, doubled during a
+    # "slow spell" (the middle third of all timed samples): both functions must see it alike.
+    clock = {"t": 0.0, "log": [], "timed": False}
+
+    def make(name, base):
+        def fn():
+            slow = clock["timed"] and 4 <= len(clock["log"]) < 7
+            clock["t"] += base * (2 if slow else 1)
+        return fn
+
+    a, b = make("a", 0.5), make("b", 0.25)
+
+    def sample(fn, inner):
+        clock["timed"] = True
+        t0 = clock["t"]
+        fn()
+        clock["log"].append(fn)
+        return clock["t"] - t0
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(bench, "_sample", sample)
+    t = bench.time_interleaved({"a": a, "b": b}, warmup=1, repeats=5)
+    # rounds alternate the order: a b | b a | a b | b a | a b
+    assert clock["log"] == [a, b, b, a, a, b, b, a, a, b]
+    assert t["a"]["times_s"] == [0.5, 0.5, 1.0, 0.5, 0.5] and t["b"]["times_s"] == [0.25, 0.25, 0.5, 0.5, 0.25]
+    assert t["a"]["median_s"] / t["b"]["median_s"] == 2.0
