@@ -103,21 +103,20 @@ def _median3x3_separable(x: Array) -> Array:
     """
     h, w = x.shape[1], x.shape[2]
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="symmetric")
-    a, b, c = xp[:, 0:h], xp[:, 1:h + 1], xp[:, 2:h + 2]
-    l1, h1 = jnp.minimum(a, b), jnp.maximum(a, b)
-    m2, hi = jnp.minimum(h1, c), jnp.maximum(h1, c)
-    lo, mid = jnp.minimum(l1, m2), jnp.maximum(l1, m2)
+    top, centre, bottom = xp[:, 0:h], xp[:, 1:h + 1], xp[:, 2:h + 2]
+    # Sort each vertical triple: (lo, mid, hi).
+    ab_lo, ab_hi = jnp.minimum(top, centre), jnp.maximum(top, centre)
+    c_lo, hi = jnp.minimum(ab_hi, bottom), jnp.maximum(ab_hi, bottom)
+    lo, mid = jnp.minimum(ab_lo, c_lo), jnp.maximum(ab_lo, c_lo)
 
-    def cols(t):
+    def cols(t):  # the left, centre and right column of every window
         return t[:, :, 0:w], t[:, :, 1:w + 1], t[:, :, 2:w + 2]
 
     def med3(p, q, r):
         return jnp.maximum(jnp.minimum(p, q), jnp.minimum(jnp.maximum(p, q), r))
 
-    l0, l1_, l2 = cols(lo)
-    h0, h1_, h2 = cols(hi)
-    low = jnp.maximum(jnp.maximum(l0, l1_), l2)
-    high = jnp.minimum(jnp.minimum(h0, h1_), h2)
+    low = functools.reduce(jnp.maximum, cols(lo))
+    high = functools.reduce(jnp.minimum, cols(hi))
     return med3(low, med3(*cols(mid)), high)
 
 
