@@ -661,3 +661,25 @@ def test_deepfool_host_compaction_equals_device_driver(trained_cnn, monkeypatch)
     assert calls, "the batch of 48 never shrank to a compacted sub-batch"
     for a, b in zip(host, device):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_deepfool_host_driver_takes_no_step_after_the_last_example_is_fooled(trained_cnn, monkeypatch):
+    # The stopping test runs on the new iterate inside the step, so the host loop calls the
+    # step exactly max(iterations) times: no extra Jacobian once every example is fooled.
+    apply_fn, params, x, _ = trained_cnn
+    calls = []
+    real = deepfool_module._step_jit
+    monkeypatch.setattr(deepfool_module, "_step_jit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = deepfool(apply_fn, params, x, max_iter=50, driver="host")
+    assert bool(res.success.all())
+    assert len(calls) == int(res.iterations.max()) >= 2
+
+
+@pytest.mark.parametrize("batch", [1, 7, 48, 128, 1024])
+def test_deepfool_bucket_sizes_cover_the_count_with_bounded_padding(batch):
+    sizes = {deepfool_module._bucket(c, batch) for c in range(1, batch + 1)}
+    for count in range(1, batch + 1):
+        size = deepfool_module._bucket(count, batch)
+        assert count <= size <= batch
+        assert size == batch or size - count < max(8, count / 4)
+    assert len(sizes) <= 24

@@ -118,17 +118,22 @@ def _candidate_jacobian(pullback, consts, num_classes, jacobian):
 
 def _step(apply_fn, params, consts, state, overshoot, clip_min, clip_max, *, norm,
           overshoot_mode, jacobian):
-    """Evaluate the model at the iterate; then, for unfinished examples, take one step.
+    """For unfinished examples, take one step; then evaluate the model at the new iterate.
+
+    The stopping test runs here, on a plain forward pass at the new iterate, rather than
+    at the start of the next step: an example whose step fooled the model is then known to
+    be done before anything is spent on it, instead of costing one more forward pass and
+    k-1 pullbacks (the host driver leaves done examples out of its sub-batches). The extra
+    forward pass is ~1/12 of a step with k = 10.
 
     Returns:
       (new_state, all_done): all_done is a bool[] scalar, the only value the host driver
       fetches per iteration.
     """
-    logits, pullback = jax.vjp(_logits_fn(apply_fn, params), state.x)
+    logits_fn = _logits_fn(apply_fn, params)
+    logits, pullback = jax.vjp(logits_fn, state.x)
     num_classes = logits.shape[-1]
-    done = state.done | (jnp.argmax(logits, axis=-1) != consts.orig)
-    active = ~done
-    all_done = ~jnp.any(active)
+    active = ~state.done
 
     logit_orig = jnp.take_along_axis(logits, consts.orig[:, None], axis=1)
     f = jnp.abs(jnp.take_along_axis(logits, consts.others, axis=1) - logit_orig).T  # [k-1,B]
@@ -165,20 +170,15 @@ def _step(apply_fn, params, consts, state, overshoot, clip_min, clip_max, *, nor
         x_new = consts.x0 + r_total
     else:  # per_step
         x_new = state.x + scale * r
-    x_new = jnp.clip(x_new, clip_min, clip_max)
+    x_new = jnp.where(_bcast(active), jnp.clip(x_new, clip_min, clip_max), state.x)
+    done = state.done | (jnp.argmax(logits_fn(x_new), axis=-1) != consts.orig)
     new_state = _State(
-        x=jnp.where(_bcast(active), x_new, state.x),
+        x=x_new,
         r_total=r_total,
         done=done,
         iterations=state.iterations + active.astype(jnp.int32),
     )
-
-    # The step is always taken, even on the last evaluation when every example is already
-    # fooled (active is all False then, so the state does not change). Skipping it with
-    # `lax.cond` saves k-1 pullbacks once per attack but made every step ~6x slower on
-    # XLA:CPU (128 images: 8.9 s against 1.4 s per step), because the convolutions inside
-    # a conditional branch run without the fast multi-threaded kernels.
-    return new_state, all_done
+    return new_state, jnp.all(done)
 
 
 def _final(apply_fn, params, consts, state, overshoot, clip_min, clip_max, *, norm,
@@ -246,20 +246,29 @@ def _scatter_rows(tree, sub, idx):
 
 
 def _bucket(count: int, batch: int) -> int:
-    """The compiled sub-batch size for `count` active examples: a power of two >= 8, or the batch."""
-    size = max(8, 1 << (count - 1).bit_length())
-    return batch if size * 2 > batch else size
+    """The compiled sub-batch size for `count` >= 1 active examples.
+
+    `count` rounded up to a multiple of max(8, 2^(floor(log2 count) - 2)): multiples of 8
+    up to 64, then four sizes per doubling (80, 96, 112, 128, 160, ...), so padding wastes
+    at most ~25 % of a step; or the whole batch once that size would exceed 3/4 of it.
+    Each size compiles once (~1.3 s for the study's CNN on CPU): at most ~12 sizes for a
+    batch of 128 and ~28 for 1024. Measured at batch 128 (2-core CPU, trained CNN):
+    70 img/s against 58 with power-of-two sizes.
+    """
+    step = max(8, 1 << max(count.bit_length() - 3, 0))
+    size = -(-count // step) * step
+    return batch if size * 4 > batch * 3 else size
 
 
 def _deepfool_host(apply_fn, params, x, overshoot, clip_min, clip_max, *, num_candidates,
                    max_iter, norm, overshoot_mode, jacobian):
     """Python loop over the cached jitted `_step` on the still-active examples only.
 
-    Per iteration it fetches the done mask (B bools) and, once at most half the batch is
-    still active, gathers the active examples into a power-of-two sub-batch, steps only
-    those, and scatters them back. So the cost follows the sum of the per-example
-    iteration counts instead of batch size x the slowest example's count, with at most
-    log2(B) extra compiled shapes. Per example the arithmetic is unchanged (examples do
+    Per iteration it fetches the done mask (B bools) and, once at most 3/4 of the batch is
+    still active, gathers the active examples into a sub-batch of a few fixed sizes
+    (`_bucket`), steps only those, and scatters them back. So the cost follows the sum of
+    the per-example iteration counts instead of batch size x the slowest example's count,
+    with a bounded number of extra compiled shapes. Per example the arithmetic is unchanged (examples do
     not interact), so results equal the uncompacted loop.
     """
     consts, state = _init_jit(apply_fn, params, x, num_candidates=num_candidates)
@@ -338,7 +347,8 @@ def deepfool(
     Implementation: each step does one forward `jax.vjp` of the batch logits and k-1
     pullbacks with per-example cotangents e_{c_j} - e_orig (which give w_j directly by
     linearity), either as k-1 separate calls (`jacobian="vjps"`) or `jax.vmap`-ed over the
-    cotangents (`"vmap"`); both give the same numbers. Gradients come from batch-summed
+    cotangents (`"vmap"`); both give the same numbers. A plain forward pass at the new
+    iterate then decides which examples are done, so a fooled example costs nothing more. Gradients come from batch-summed
     objectives, exact per example for models without cross-batch coupling (eval mode).
 
     Defaults (`None`) are chosen per backend. Measured on XLA:CPU (the study's CNN with
