@@ -132,3 +132,24 @@ def test_time_interleaved_alternates_samples_and_shares_slow_spells(monkeypatch)
     assert clock["log"] == [a, b, b, a, a, b, b, a, a, b]
     assert t["a"]["times_s"] == [0.5, 0.5, 1.0, 0.5, 0.5] and t["b"]["times_s"] == [0.25, 0.25, 0.5, 0.5, 0.25]
     assert t["a"]["median_s"] / t["b"]["median_s"] == 2.0
+
+
+def test_time_interleaved_rewarms_fast_functions_after_a_slow_one(monkeypatch):
+    # Fake clock: the fast function's first call after the slow one ran is 10x slower (a
+    # cold thread pool); its timed samples must not include that call.
+    clock = {"t": 0.0, "last": None}
+
+    def fast():
+        clock["t"] += 0.01 if clock["last"] == "slow" else 0.001
+        clock["last"] = "fast"
+
+    def slow():
+        clock["t"] += 0.5
+        clock["last"] = "slow"
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(bench.jax, "block_until_ready", lambda x: x)
+    t = bench.time_interleaved({"fast": fast, "slow": slow}, warmup=1, repeats=4)
+    assert t["fast"]["calls_per_sample"] == 10 and t["slow"]["calls_per_sample"] == 1
+    assert t["fast"]["times_s"] == pytest.approx([0.001] * 4)
+    assert t["slow"]["times_s"] == pytest.approx([0.5] * 4)
