@@ -348,15 +348,16 @@ def deepfool(
     pullbacks with per-example cotangents e_{c_j} - e_orig (which give w_j directly by
     linearity), either as k-1 separate calls (`jacobian="vjps"`) or `jax.vmap`-ed over the
     cotangents (`"vmap"`); both give the same numbers. A plain forward pass at the new
-    iterate then decides which examples are done, so a fooled example costs nothing more. Gradients come from batch-summed
-    objectives, exact per example for models without cross-batch coupling (eval mode).
+    iterate then decides which examples are done, so a fooled example costs nothing more.
+    Gradients come from batch-summed objectives, exact per example for models without
+    cross-batch coupling (eval mode).
 
     Defaults (`None`) are chosen per backend. Measured on XLA:CPU (the study's CNN with
     BatchNorm, trained weights, batch 128, 2 idle cores), before the stopping test moved
     into the step: host driver + "vjps" 32 img/s, host + "vmap" 22, device + "vjps" 2.5,
-    device + "vmap" 3.8 (host + "vjps" is now 55-70 img/s and "vmap" was level with it in
-    the last paired check, with the XLA:CPU flag that
-    `import jaxadv` sets; benchmarks/results/full.md). The device driver is
+    device + "vmap" 3.8 (host + "vjps" is now 55-70 img/s, and "vmap" was level with it
+    in the last paired check, with the XLA:CPU flag that `import jaxadv` sets;
+    benchmarks/results/full.md). The device driver is
     ~10x slower because XLA:CPU runs the convolutions inside a `while_loop` body (like
     those inside a `lax.cond` branch) without its fast multi-threaded kernels; the one
     scalar `all(done)` fetch per host step is negligible next to a Jacobian. Defaults:
