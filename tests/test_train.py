@@ -10,7 +10,7 @@ import pytest
 
 from jaxadv import checkpoint, data, train
 from jaxadv.configs import FAST, SEED, TrainConfig, get_config
-from jaxadv.models import CNN, conv3x3_narrow, count_params, init_params, make_apply, max_pool_2x2, tiny_cnn
+from jaxadv.models import CNN, count_params, init_params, make_apply, max_pool_2x2, tiny_cnn
 
 TINY = TrainConfig(
     name="tiny", widths=(8, 16, 16), head=(32,), batch_size=32, epochs=3, lr=3e-3, weight_decay=0.0,
@@ -64,48 +64,6 @@ def test_max_pool_2x2_equals_flax_max_pool_and_its_gradient(getkey):
     g1 = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) ** 2))(x)
     g2 = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), (2, 2)) ** 2))(x)
     np.testing.assert_allclose(g1, g2, rtol=1e-6)
-
-
-def _lax_conv3x3(x, w):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@pytest.mark.parametrize("cin", [1, 3])
-def test_narrow_conv_value_and_derivatives_equal_lax_conv(cin, getkey):
-    # The im2col input gradient is a different summation order: equal to float rounding.
-    x = jax.random.normal(getkey(), (2, 7, 5, cin))
-    w = jax.random.normal(getkey(), (3, 3, cin, 4))
-    g = jax.random.normal(getkey(), (2, 7, 5, 4))
-    np.testing.assert_array_equal(conv3x3_narrow(x, w), _lax_conv3x3(x, w))
-    _, vjp1 = jax.vjp(conv3x3_narrow, x, w)
-    _, vjp2 = jax.vjp(_lax_conv3x3, x, w)
-    for a, b in zip(vjp1(g), vjp2(g)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    # Forward mode (a custom VJP would refuse it) and a second derivative.
-    dx, dw = jax.random.normal(getkey(), x.shape), jax.random.normal(getkey(), w.shape)
-    t1 = jax.jvp(conv3x3_narrow, (x, w), (dx, dw))[1]
-    t2 = jax.jvp(_lax_conv3x3, (x, w), (dx, dw))[1]
-    np.testing.assert_allclose(t1, t2, rtol=1e-5, atol=1e-5)
-    def hvp(f):
-        return jax.jvp(jax.grad(lambda x: jnp.sum(jnp.tanh(f(x, w)))), (x,), (dx,))[1]
-    np.testing.assert_allclose(hvp(conv3x3_narrow), hvp(_lax_conv3x3), rtol=1e-4, atol=1e-5)
-
-
-def test_cnn_routes_only_its_first_conv_to_the_narrow_form_and_matches_plain_lax(getkey):
-    fast = CNN(widths=(8, 16, 16), head=(16,))  # only the RGB input is narrow (<= 4 channels)
-    plain = CNN(widths=(8, 16, 16), head=(16,), conv=jax.lax.conv_general_dilated)
-    params = init_params(fast, getkey())
-    x = jax.random.uniform(getkey(), (3, 32, 32, 3))
-    jaxpr = str(jax.make_jaxpr(make_apply(fast))(params, x))
-    assert jaxpr.count("jvp=_conv3x3_narrow_jvp") == 1 and jaxpr.count("conv_general_dilated[") == 6
-    np.testing.assert_array_equal(make_apply(fast)(params, x), make_apply(plain)(params, x))
-    def input_grad(m):
-        return jax.grad(lambda x: jnp.sum(jax.nn.log_softmax(make_apply(m)(params, x))[:, 0]))(x)
-    np.testing.assert_allclose(input_grad(fast), input_grad(plain), rtol=1e-4, atol=1e-6)
-    def param_grad(m):
-        return jax.grad(lambda p: jnp.sum(jax.nn.log_softmax(make_apply(m)(p, x))[:, 0]))(params)
-    for a, b in zip(jax.tree.leaves(param_grad(fast)), jax.tree.leaves(param_grad(plain))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_make_apply_is_cached_per_model():
