@@ -81,9 +81,9 @@ def time_interleaved(
 
     Each function is compiled and warmed up as in `time_call`; then round r times one
     sample of every function, in an order rotated by r; a function fast enough to need
-    several calls per sample first runs one untimed sample to warm up again. A slow spell of a shared machine
-    then falls on all of them alike, so the ratio of their medians is measured in one
-    stretch of time rather than minutes apart.
+    several calls per sample first runs one untimed sample to warm up again. A slow spell
+    of a shared machine then falls on all of them alike, so the ratio of their medians is
+    measured in one stretch of time rather than minutes apart.
 
     Returns:
       {name: the `time_call` result of that function}
