@@ -1,4 +1,4 @@
-"""Shared pytest setup: strict numerics, fresh PRNG keys, tiny shapes."""
+"""Shared pytest setup: strict numerics, fresh PRNG keys, tiny shapes, shared test models."""
 
 import itertools
 import os
@@ -6,8 +6,10 @@ import os
 import jax
 import pytest
 
-# Catch silent broadcasting bugs; library code must not rely on implicit rank promotion.
+# Catch silent broadcasting and promotion bugs: library code must not rely on implicit rank
+# promotion or on mixing dtypes (f32 with f64, ints with floats) without saying so.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
 @pytest.fixture
@@ -25,3 +27,11 @@ def real_archive():
     if not path or not os.path.exists(path):
         pytest.skip("real CIFAR-10 archive not available: set JAXADV_DATA to ../shared/data/cifar10-jpeg.tar.gz")
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_cnn():
+    """A tiny CNN trained on three synthetic colour-blob classes: (apply_fn, params, x, correct)."""
+    from attack_utils import train_tiny_cnn
+
+    return train_tiny_cnn()

@@ -1,19 +1,90 @@
-"""Adversarial attacks on `apply_fn(params, x) -> logits` classifiers, and a name registry.
+"""Adversarial attacks on `apply_fn(params, x) -> logits` classifiers, and their registry.
 
-Attacks that follow the house signature `attack(apply_fn, params, x, y, *, key=None, eps,
-...) -> x_adv` (FGSM) drop into eval loops directly. DeepFool is a minimal-perturbation
-attack: it has no eps and no labels (its reference class is the model's prediction) and
-returns a `DeepFoolResult`, so callers that pick attacks by name must dispatch on it.
+Every attack follows one contract (see `jaxadv.attacks._core`):
+
+    x_adv = REGISTRY[name](apply_fn, params, x, y, key=key, eps=eps, **hyperparameters)
+
+Minimum-norm attacks (DeepFool) take no `eps` and give per-example statistics with
+`return_info=True`. `REGISTRY` is the one list of attacks: the CLI's `--attack` choices,
+the study, the benchmark harness and the contract test all read it. Adding an attack is
+one file (a function decorated with `@_core.attack(...)`) and one `register` line below.
 """
 
-from jaxadv.attacks.deepfool import DeepFoolResult, deepfool
-from jaxadv.attacks.fgsm import fgsm, fgsm_jit
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from jaxadv.attacks._core import AttackMeta, MinNormInfo, example_keys, meta, summed_cross_entropy
+from jaxadv.attacks.deepfool import deepfool
+from jaxadv.attacks.fgsm import fgsm
 from jaxadv.attacks.pgd import pgd
 
-REGISTRY = {
-    "fgsm": fgsm,
-    "deepfool": deepfool,
-    "pgd": pgd,
-}
+REGISTRY: dict[str, Callable] = {}
 
-__all__ = ["REGISTRY", "DeepFoolResult", "deepfool", "fgsm", "fgsm_jit", "pgd"]
+
+def register(fn: Callable, name: str | None = None) -> Callable:
+    """Add an attack (a function with `.meta`, see `_core.attack`) to `REGISTRY`."""
+    if not hasattr(fn, "meta"):
+        raise ValueError(f"{fn!r} has no attack metadata: decorate it with jaxadv.attacks._core.attack(...)")
+    REGISTRY[name or fn.meta.name] = fn
+    return fn
+
+
+register(fgsm)
+register(pgd)
+register(deepfool)
+
+
+def get(name: str) -> Callable:
+    """`REGISTRY[name]`, with a one-line error naming the choices."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown attack {name!r}; choose one of {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A registered attack with its hyperparameters, as data: `Spec("pgd", eps=8/255, steps=20)`.
+
+    Hashable and JSON-able, so study cells can name attacks and be stored. "none" is the
+    identity (clean evaluation).
+    """
+
+    name: str
+    hparams: tuple[tuple[str, Any], ...] = ()
+
+    def __init__(self, name: str, **hparams: Any):
+        if name != "none":
+            get(name)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "hparams", tuple(sorted(hparams.items())))
+
+    @property
+    def fn(self) -> Callable | None:
+        return None if self.name == "none" else get(self.name)
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.hparams)
+
+    @property
+    def minimum_norm(self) -> bool:
+        return self.name != "none" and self.fn.meta.minimum_norm
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **self.kwargs}
+
+    def __call__(self, apply_fn, params, x, y, *, key=None, return_info: bool = False):
+        """Run the attack; `(x_adv, info)` with `return_info` (info is None unless minimum-norm)."""
+        if self.name == "none":
+            return (x, None) if return_info else x
+        if self.minimum_norm:
+            out = self.fn(apply_fn, params, x, y, key=key, return_info=return_info, **self.kwargs)
+            return out
+        x_adv = self.fn(apply_fn, params, x, y, key=key, **self.kwargs)
+        return (x_adv, None) if return_info else x_adv
+
+
+__all__ = ["REGISTRY", "AttackMeta", "MinNormInfo", "Spec", "deepfool", "example_keys", "fgsm", "get", "meta", "pgd",
+           "register", "summed_cross_entropy"]  # fmt: skip

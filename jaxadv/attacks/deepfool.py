@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxadv import validate
+from jaxadv.attacks import _core
+from jaxadv.attacks._core import MinNormInfo, bcast
 from jaxadv.types import ApplyFn, Array, Params, PRNGKey
 
 NORMS = ("l2", "linf")
@@ -30,22 +32,6 @@ DRIVERS = ("host", "device")
 # Added to |f_l| in every step (as in the authors' code and Foolbox) so the linearized step
 # lands strictly past the boundary instead of exactly on it.
 _STEP_MARGIN = 1e-4
-
-
-class DeepFoolResult(NamedTuple):
-    """Outcome of `deepfool` for a batch of B examples.
-
-    Attributes:
-      x_adv: [B,H,W,C] adversarial images, dtype of the input, inside [clip_min, clip_max].
-      iterations: int32[B] steps taken before the prediction changed (max_iter if it never did).
-      success: bool[B] whether `argmax apply_fn(params, x_adv)` differs from the prediction at x.
-      norm: f32[B] `||x_adv - x||` in the attack's norm (L2 or L-inf).
-    """
-
-    x_adv: Array
-    iterations: Array
-    success: Array
-    norm: Array
 
 
 class _Consts(NamedTuple):
@@ -61,17 +47,13 @@ class _State(NamedTuple):
     iterations: Array  # int32[B] steps taken
 
 
-def _bcast(v: Array) -> Array:
-    """[B] -> [B,1,1,1], so per-example scalars multiply NHWC images explicitly."""
-    return v[:, None, None, None]
-
-
 def _logits_fn(apply_fn, params):
     return lambda z: apply_fn(params, z).astype(jnp.float32)
 
 
 def _init(apply_fn, params, x, *, num_candidates):
-    logits = _logits_fn(apply_fn, params)(x)
+    x0 = x.astype(jnp.float32)  # the model always sees float32, whatever the input dtype
+    logits = _logits_fn(apply_fn, params)(x0)
     num_classes = logits.shape[-1]
     k = min(num_candidates, num_classes)
     if k < 2:
@@ -84,7 +66,6 @@ def _init(apply_fn, params, x, *, num_candidates):
     # masking orig keeps the candidates distinct from it even when logits tie.
     is_orig = jax.nn.one_hot(orig, num_classes, dtype=jnp.bool_)
     _, others = jax.lax.top_k(jnp.where(is_orig, -jnp.inf, logits), k - 1)
-    x0 = x.astype(jnp.float32)
     batch = x.shape[0]
     state = _State(
         x=x0,
@@ -156,12 +137,12 @@ def _step(apply_fn, params, consts, state, overshoot, clip_min, clip_max, *, nor
     w_l = jnp.take_along_axis(w, best[None, :, None, None, None], axis=0)[0]
     if norm == "l2":
         denom = pick(w_sq)
-        r = _bcast((f_l + _STEP_MARGIN) / jnp.where(denom > 0, denom, 1.0)) * w_l
+        r = bcast((f_l + _STEP_MARGIN) / jnp.where(denom > 0, denom, 1.0)) * w_l
     else:
         denom = pick(w_norm)
-        r = _bcast((f_l + _STEP_MARGIN) / jnp.where(denom > 0, denom, 1.0)) * jnp.sign(w_l)
+        r = bcast((f_l + _STEP_MARGIN) / jnp.where(denom > 0, denom, 1.0)) * jnp.sign(w_l)
     # Finished examples are frozen: no step, no accumulation, no count.
-    r = jnp.where(_bcast(active), r, 0.0)
+    r = jnp.where(bcast(active), r, 0.0)
     r_total = state.r_total + r
     scale = 1.0 + overshoot
     if overshoot_mode == "cumulative":
@@ -170,7 +151,7 @@ def _step(apply_fn, params, consts, state, overshoot, clip_min, clip_max, *, nor
         x_new = consts.x0 + r_total
     else:  # per_step
         x_new = state.x + scale * r
-    x_new = jnp.where(_bcast(active), jnp.clip(x_new, clip_min, clip_max), state.x)
+    x_new = jnp.where(bcast(active), jnp.clip(x_new, clip_min, clip_max), state.x)
     done = state.done | (jnp.argmax(logits_fn(x_new), axis=-1) != consts.orig)
     new_state = _State(
         x=x_new,
@@ -188,29 +169,21 @@ def _final(apply_fn, params, consts, state, overshoot, clip_min, clip_max, *, no
     else:
         x_adv = state.x
     x_adv = x_adv.astype(out_dtype)
-    logits = _logits_fn(apply_fn, params)(x_adv)
+    logits = _logits_fn(apply_fn, params)(x_adv.astype(jnp.float32))  # success of the image returned
     success = jnp.argmax(logits, axis=-1) != consts.orig
     delta = (x_adv.astype(jnp.float32) - consts.x0).reshape(x_adv.shape[0], -1)
     if norm == "l2":
         dist = jnp.sqrt(jnp.sum(delta * delta, axis=-1))
     else:
         dist = jnp.max(jnp.abs(delta), axis=-1)
-    return DeepFoolResult(x_adv, state.iterations, success, dist)
+    return x_adv, MinNormInfo(state.iterations, success, dist)
 
 
-_STEP_STATIC = ("apply_fn", "norm", "overshoot_mode", "jacobian")
-_init_jit = functools.partial(jax.jit, static_argnames=("apply_fn", "num_candidates"))(_init)
-_step_jit = functools.partial(jax.jit, static_argnames=_STEP_STATIC)(_step)
-_final_jit = functools.partial(
-    jax.jit, static_argnames=("apply_fn", "norm", "overshoot_mode", "out_dtype")
-)(_final)
+_init_jit = _core.kernel(_init, static=("num_candidates",))
+_step_jit = _core.kernel(_step, static=("norm", "overshoot_mode", "jacobian"))
+_final_jit = _core.kernel(_final, static=("norm", "overshoot_mode", "out_dtype"))
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("apply_fn", "num_candidates", "max_iter", "norm", "overshoot_mode",
-                     "jacobian"),
-)
 def _deepfool_device(apply_fn, params, x, overshoot, clip_min, clip_max, *, num_candidates,
                      max_iter, norm, overshoot_mode, jacobian):
     """The whole attack as one XLA program (a `lax.while_loop` over `_step`)."""
@@ -230,6 +203,10 @@ def _deepfool_device(apply_fn, params, x, overshoot, clip_min, clip_max, *, num_
     _, state, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), state, jnp.bool_(False)))
     return _final(apply_fn, params, consts, state, overshoot, clip_min, clip_max, norm=norm,
                   overshoot_mode=overshoot_mode, out_dtype=x.dtype)
+
+
+_deepfool_device_jit = _core.kernel(
+    _deepfool_device, static=("num_candidates", "max_iter", "norm", "overshoot_mode", "jacobian"))
 
 
 @functools.partial(jax.jit, static_argnames=("size",))
@@ -303,27 +280,31 @@ def default_driver_and_jacobian(traced: bool = False) -> tuple[str, str]:
     return driver, jacobian
 
 
+@_core.attack(name="deepfool", norms=NORMS, minimum_norm=True, paper="Moosavi-Dezfooli et al. 2016, arXiv:1511.04599")
 def deepfool(
     apply_fn: ApplyFn,
     params: Params,
     x: Array,
+    y: Array | None = None,
     *,
+    key: PRNGKey | None = None,
+    return_info: bool = False,
+    norm: str = "l2",
     num_candidates: int = 10,
     overshoot: float = 0.02,
     max_iter: int = 50,
-    norm: str = "l2",
     overshoot_mode: str = "cumulative",
     jacobian: str | None = None,
     driver: str | None = None,
     clip_min: float = 0.0,
     clip_max: float = 1.0,
-    key: PRNGKey | None = None,
-) -> DeepFoolResult:
+):
     """Untargeted DeepFool on a batch, with per-example early stopping.
 
     Convention (the authors' reference code and Foolbox agree):
-      * The reference class is the model's prediction at x0 (labels are not used), so no
-        example starts out "fooled"; `success` means the prediction at x_adv differs from it.
+      * The reference class is the model's prediction at x0, not `y` (which is only
+        checked), so no example starts out "fooled"; `success` means the prediction at
+        x_adv differs from it. The evaluation layer reports label-aware accuracy apart.
       * Candidates are the top-k classes of the logits at x0, k = min(num_candidates, K),
         fixed for the whole run.
       * Each step linearizes at the iterate x_i: for every candidate j != orig,
@@ -338,61 +319,55 @@ def deepfool(
           - "per_step" (torchattacks): x_{i+1} = clip(x_i + (1 + overshoot) * r_i).
         clip is to [clip_min, clip_max] (the reference code does not clip; Foolbox does).
       * Early stopping is per example: once the prediction at an iterate differs from
-        orig, that example is frozen (a done mask; no further steps, no accumulation).
-        The run ends when all examples are done or after max_iter steps.
+        orig, that example is frozen (no further steps, no accumulation). The run ends when
+        all examples are done or after max_iter steps.
       * `iterations` counts the steps an example took: n if its prediction first changed
-        at x_n, max_iter if it never changed during the run (then `success` is decided by
-        the final evaluation at x_adv). In "final" mode the stopping test uses the
-        iterates without overshoot, `success` uses the returned x_adv.
+        at x_n, max_iter if it never changed (then `success` is decided by the final
+        evaluation at x_adv). In "final" mode the stopping test uses the iterates without
+        overshoot, `success` uses the returned x_adv.
 
     Implementation: each step does one forward `jax.vjp` of the batch logits and k-1
     pullbacks with per-example cotangents e_{c_j} - e_orig (which give w_j directly by
     linearity), either as k-1 separate calls (`jacobian="vjps"`) or `jax.vmap`-ed over the
     cotangents (`"vmap"`); both give the same numbers. A plain forward pass at the new
     iterate then decides which examples are done, so a fooled example costs nothing more.
-    Gradients come from batch-summed objectives, exact per example for models without
-    cross-batch coupling (eval mode).
 
-    Defaults (`None`) are chosen per backend. Measured on XLA:CPU (the study's CNN with
-    BatchNorm, trained weights, batch 128, 2 idle cores), before the stopping test moved
-    into the step: host driver + "vjps" 32 img/s, host + "vmap" 22, device + "vjps" 2.5,
-    device + "vmap" 3.8 (host + "vjps" is now 55-70 img/s, and "vmap" was level with it
-    in the last paired check, with the XLA:CPU flag that `import jaxadv` sets;
-    benchmarks/results/full.md). The device driver is
-    ~10x slower because XLA:CPU runs the convolutions inside a `while_loop` body (like
-    those inside a `lax.cond` branch) without its fast multi-threaded kernels; the one
-    scalar `all(done)` fetch per host step is negligible next to a Jacobian. Defaults:
-    driver "host", or "device" when called under a jax transformation (where a host loop
-    is impossible); jacobian "vjps" on CPU and "vmap" elsewhere (unmeasured: batched
-    pullbacks give accelerators larger kernels). Benchmark and pass explicit values where
-    it matters.
+    Drivers. "host" (the default for concrete inputs) runs the compiled step from a Python
+    loop, one `done` fetch per step, and once at most 3/4 of the batch is still active it
+    steps only those (compaction into a few fixed sub-batch sizes). "device" runs the whole
+    attack as one `lax.while_loop` (the default under a caller's jit, where a host loop is
+    impossible). On XLA:CPU the device driver is ~10x slower: XLA:CPU runs convolutions
+    inside a while-loop body without its fast multi-threaded kernels. The jacobian default
+    is "vjps" on CPU and "vmap" elsewhere (unmeasured: batched pullbacks give accelerators
+    larger kernels).
 
     Args:
       apply_fn: stable, hashable `apply_fn(params, x) -> f32[B,K]` logits.
       params: model parameters pytree.
-      x: f32[B,H,W,C] clean images in [clip_min, clip_max].
+      x: f[B,H,W,C] clean images in [clip_min, clip_max].
+      y: optional int[B] labels in [0, K); checked, not used (see above).
+      key: ignored (deterministic attack); accepted for a uniform call site.
+      return_info: also return the per-example `MinNormInfo(iterations, success, norm)`.
+      norm: "l2" or "linf".
       num_candidates: k, the number of top classes considered (including orig); >= 2.
       overshoot: >= 0, see `overshoot_mode`. Traced (changing it does not recompile).
       max_iter: maximum number of steps (static).
-      norm: "l2" or "linf".
       overshoot_mode: "cumulative", "final" or "per_step" (see above).
       jacobian: "vjps", "vmap" or None (per backend, see above).
       driver: "host", "device" or None (see above). "host" cannot run under jit/vmap.
       clip_min: lower pixel bound.
       clip_max: upper pixel bound.
-      key: ignored (deterministic attack); accepted for a uniform call site.
 
     Returns:
-      A `DeepFoolResult(x_adv [B,H,W,C], iterations int32[B], success bool[B], norm f32[B])`.
+      x_adv [B,H,W,C] (dtype of x), or `(x_adv, MinNormInfo)` with `return_info=True`.
 
     Raises:
-      ValueError: on an unknown option, num_candidates < 2, max_iter < 0, a negative
-        overshoot, or malformed concrete inputs (see `jaxadv.validate`).
+      ValueError: one line, on an unknown option, num_candidates < 2, max_iter < 0, a
+        negative overshoot, or malformed inputs.
     """
     del key  # deterministic attack
-    for name, value, allowed in (("norm", norm, NORMS), ("overshoot_mode", overshoot_mode,
-                                 OVERSHOOT_MODES), ("jacobian", jacobian, JACOBIANS + (None,)),
-                                 ("driver", driver, DRIVERS + (None,))):
+    for name, value, allowed in (("overshoot_mode", overshoot_mode, OVERSHOOT_MODES),
+                                 ("jacobian", jacobian, JACOBIANS + (None,)), ("driver", driver, DRIVERS + (None,))):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     if not isinstance(num_candidates, int) or num_candidates < 2:
@@ -400,7 +375,8 @@ def deepfool(
     if not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
     validate.check_eps(overshoot, name="overshoot")
-    validate.check_images(x, value_range=(clip_min, clip_max))
+    _core.check_inputs(apply_fn, params, x, y, clip_min=clip_min, clip_max=clip_max, norm=norm, norms=NORMS,
+                       y_required=False)  # fmt: skip
 
     traced = not validate.is_concrete((params, x, overshoot, clip_min, clip_max))
     default_driver, default_jacobian = default_driver_and_jacobian(traced)
@@ -408,6 +384,7 @@ def deepfool(
     jacobian = jacobian or default_jacobian
     if driver == "host" and traced:
         raise ValueError('driver="host" needs concrete inputs; use driver="device" under jit/vmap')
-    run = _deepfool_host if driver == "host" else _deepfool_device
-    return run(apply_fn, params, x, overshoot, clip_min, clip_max, num_candidates=num_candidates,
-               max_iter=max_iter, norm=norm, overshoot_mode=overshoot_mode, jacobian=jacobian)
+    run = _deepfool_host if driver == "host" else _deepfool_device_jit
+    x_adv, info = run(apply_fn, params, x, overshoot, clip_min, clip_max, num_candidates=num_candidates,
+                      max_iter=max_iter, norm=norm, overshoot_mode=overshoot_mode, jacobian=jacobian)
+    return (x_adv, info) if return_info else x_adv

@@ -1,0 +1,229 @@
+"""The attack contract: metadata, input checks, per-example keys and the one jit policy.
+
+Every attack in jaxadv is a function
+
+    attack(apply_fn, params, x, y, *, key=None, **hyperparameters) -> x_adv
+
+with `x_adv` of `x`'s shape and dtype, inside the box [clip_min, clip_max]. Budgeted
+attacks take `eps` (the only hyperparameter without a default); minimum-norm attacks
+(DeepFool, later CW and FAB) take none and, with `return_info=True`, return
+`(x_adv, MinNormInfo)` with per-example statistics. `@attack(...)` attaches an
+`AttackMeta` record to the function (what the contract test, the CLI, the evaluation layer
+and the harness read); `REGISTRY` in `jaxadv.attacks` maps names to these functions.
+
+Jit policy, in one place: an attack's traced body is compiled by `kernel(fn, static)`,
+which marks `apply_fn` and the attack's own shape-changing hyperparameters static and
+everything else (params, eps, step sizes, the box) traced, so new params or a new eps
+never recompile. Called inside a caller's jit (an adversarial-training step), the compiled
+kernel simply inlines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxadv import validate
+from jaxadv.types import Array, PRNGKey
+
+NORMS = ("linf", "l2")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackMeta:
+    """What callers need to know about an attack besides its signature.
+
+    Attributes:
+      name: registry name.
+      norms: values its `norm` hyperparameter accepts (the first is the default).
+      minimum_norm: True if it takes no `eps` and measures the smallest perturbation it
+        finds; it then accepts `return_info=True`.
+      randomized: True if it draws random numbers (then `key` is required).
+      paper: the reference it follows.
+    """
+
+    name: str
+    norms: tuple[str, ...]
+    minimum_norm: bool = False
+    randomized: bool = False
+    paper: str = ""
+
+    def defaults(self, fn: Callable) -> dict:
+        """The documented default of every keyword hyperparameter of `fn`."""
+        sig = inspect.signature(fn)
+        return {k: p.default for k, p in sig.parameters.items()
+                if p.kind is p.KEYWORD_ONLY and p.default is not p.empty and k not in ("key", "return_info")}
+
+
+def attack(*, name: str, norms: tuple[str, ...] = NORMS, minimum_norm: bool = False, randomized: bool = False,
+           paper: str = "") -> Callable[[Callable], Callable]:
+    """Decorator that attaches `AttackMeta` to a public attack function as `fn.meta`."""
+
+    def wrap(fn: Callable) -> Callable:
+        fn.meta = AttackMeta(name=name, norms=tuple(norms), minimum_norm=minimum_norm, randomized=randomized,
+                             paper=paper)  # fmt: skip
+        return fn
+
+    return wrap
+
+
+def meta(fn: Callable) -> AttackMeta:
+    """`fn.meta`, or a plain budgeted L-inf attack for a user's undecorated function."""
+    return getattr(fn, "meta", None) or AttackMeta(name=getattr(fn, "__name__", "attack"), norms=("linf",))
+
+
+class MinNormInfo(NamedTuple):
+    """Per-example statistics of a minimum-norm attack, for a batch of B examples.
+
+    Attributes:
+      iterations: int32[B] steps taken (the limit if the attack never succeeded).
+      success: bool[B] whether the prediction at x_adv differs from the reference class.
+      norm: f32[B] `||x_adv - x||` in the attack's norm.
+    """
+
+    iterations: Array
+    success: Array
+    norm: Array
+
+
+def kernel(fn: Callable, static: tuple[str, ...] = ()) -> Callable:
+    """The compiled form of an attack's traced body: `apply_fn` and `static` are static.
+
+    This is the only place attacks are jitted. `jax.jit` caches the compiled program per
+    static values and input shapes; a kernel called under an outer jit is inlined.
+    """
+    return jax.jit(fn, static_argnames=("apply_fn",) + tuple(static))
+
+
+# ---------------------------------------------------------------------------------------
+# Input checks (host side, before tracing)
+# ---------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _num_classes(apply_fn, treedef, leaf_specs, image_spec) -> int:
+    params = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaf_specs])
+    out = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((1, *image_spec[0]), image_spec[1]))
+    if len(out.shape) != 2:
+        raise ValueError(f"apply_fn must return logits of shape [B, K], got {tuple(out.shape)}")
+    return int(out.shape[-1])
+
+
+def num_classes(apply_fn: Callable, params: Any, x: Any) -> int:
+    """K, the number of logits `apply_fn(params, x)` returns (shape inference only, cached)."""
+    leaves, treedef = jax.tree.flatten(params)
+    specs = tuple((tuple(np.shape(a)), jnp.result_type(a)) for a in leaves)
+    # Attacks feed the model float32 whatever the input dtype (see each attack's body).
+    return _num_classes(apply_fn, treedef, specs, (tuple(np.shape(x)[1:]), jnp.float32))
+
+
+def check_inputs(apply_fn, params, x, y, *, clip_min, clip_max, eps=None, norm=None, norms=NORMS,
+                 y_required=True) -> None:  # fmt: skip
+    """One-line `ValueError`s for every malformed input an attack can be given.
+
+    Checks the image batch (rank, dtype, range), the labels (rank, batch size, dtype and
+    `0 <= y < K`, with K from the model's output shape), `eps` and `norm`. Values are
+    inspected only when concrete, so the attacks stay callable under a caller's jit.
+    """
+    if norm is not None and norm not in norms:
+        raise ValueError(f"norm must be one of {norms}, got {norm!r}")
+    validate.check_images(x, value_range=(clip_min, clip_max))
+    if eps is not None:
+        validate.check_eps(eps)
+    if y is None:
+        if y_required:
+            raise ValueError("y (int labels [B]) is required")
+        return
+    validate.check_labels(y, x)
+    if validate.is_concrete(y):
+        k = num_classes(apply_fn, params, x)
+        y_max = int(np.max(np.asarray(jax.device_get(y))))
+        if y_max >= k:
+            raise ValueError(f"y holds label {y_max}, but the model has {k} classes (labels must be in [0, {k}))")
+
+
+# ---------------------------------------------------------------------------------------
+# Per-example randomness
+# ---------------------------------------------------------------------------------------
+
+
+def _as_typed(key) -> PRNGKey:
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(key)  # a legacy uint32[2] (or [B,2]) key
+
+
+def content_hash(x: Array) -> Array:
+    """uint32[B]: a hash of each example's bits (position-weighted, so permutations differ)."""
+    flat = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32).reshape(x.shape[0], -1)
+    mult = (jnp.arange(flat.shape[1], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)) * jnp.uint32(0x9E3779B1)
+    return jnp.sum(flat * mult[None, :], axis=1, dtype=jnp.uint32)
+
+
+def example_keys(key, x: Array) -> PRNGKey:
+    """One PRNG key per example, never depending on how the batch was formed.
+
+    Args:
+      key: a single key, or a batch of B keys (e.g. `fold_in(root, dataset_index)`, what
+        the evaluation layer passes). A single key is folded with a hash of each example's
+        content, so splitting, reordering or padding a batch leaves every example's
+        randomness unchanged.
+      x: f[B,...] the examples.
+
+    Returns:
+      typed key array of shape [B].
+    """
+    key = _as_typed(key)
+    if key.shape == (x.shape[0],):
+        return key
+    if key.shape != ():
+        raise ValueError(f"key must be one PRNG key or one per example ({x.shape[0]}), got shape {key.shape}")
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, content_hash(x))
+
+
+def require_key(key, name: str) -> None:
+    if key is None:
+        raise ValueError(f"{name} is randomized and needs a PRNG key: pass key=jax.random.key(...)")
+
+
+# ---------------------------------------------------------------------------------------
+# Shared arithmetic
+# ---------------------------------------------------------------------------------------
+
+
+def bcast(v: Array) -> Array:
+    """[B] -> [B,1,1,1], so per-example scalars multiply NHWC images explicitly."""
+    return v.reshape(-1, *([1] * 3))
+
+
+def per_example_norm(v: Array, norm: str) -> Array:
+    flat = v.reshape(v.shape[0], -1)
+    if norm == "linf":
+        return jnp.max(jnp.abs(flat), axis=1)
+    return jnp.sqrt(jnp.sum(flat * flat, axis=1))
+
+
+def project(delta: Array, eps: Array, norm: str) -> Array:
+    """Project each example's perturbation onto the `norm` ball of radius eps."""
+    if norm == "linf":
+        return jnp.clip(delta, -eps, eps)
+    scale = jnp.minimum(1.0, eps / jnp.maximum(per_example_norm(delta, "l2"), 1e-12))
+    return delta * bcast(scale)
+
+
+def summed_cross_entropy(logits: Array, y: Array) -> Array:
+    """Softmax cross-entropy summed (not averaged) over the batch.
+
+    Summing makes `jax.grad` w.r.t. the input batch equal to the per-example input
+    gradients in one backward pass (no cross-batch coupling in eval mode); a mean would
+    shrink every example's gradient by 1/B. The class count comes from `logits.shape[-1]`.
+    """
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_probs, y[:, None].astype(jnp.int32), axis=-1).sum()
