@@ -1,7 +1,14 @@
-"""Named training presets as frozen dataclasses.
+"""Named training presets as frozen, nested dataclasses.
 
-Each preset states what it is for; measured results (machine, runtime, accuracy) live in
-the README beside the command that produced them.
+A `TrainConfig` has three sections, each a record of its own: `model` (the CNN's shape
+and dtype), `optim` (optimizer, schedule, loss) and `defense` (the training-time defense,
+by registry name, and its settings), plus the loop's own fields (batch size, epochs,
+early stopping, augmentation, validation split). Every preset states what it is for;
+measured results (machine, runtime, accuracy) live in the docs beside the command that
+produced them.
+
+Checkpoints store the config as a nested dict; `TrainConfig.from_dict` also reads the
+flat dicts that jaxadv 0.1 checkpoints hold, so old runs keep loading.
 """
 
 from __future__ import annotations
@@ -11,82 +18,144 @@ from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run (and is stored with its checkpoints).
+class ModelConfig:
+    """The CNN (see `jaxadv.models.CNN`).
 
     Attributes:
-      name: preset name.
-      widths, head, norm: model shape (see `jaxadv.models.CNN`).
+      widths: output channels of the three conv blocks.
+      head: hidden widths of the classifier head.
+      norm: None, or "batch" for BatchNorm after every conv.
       dtype: compute dtype, "float32" or "bfloat16" (params stay float32).
-      batch_size: examples per step (the last partial batch of an epoch is dropped).
-      epochs: maximum number of epochs.
+    """
+
+    widths: tuple[int, ...] = (32, 64, 128)
+    head: tuple[int, ...] = (128,)
+    norm: str | None = None
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer, learning-rate schedule and loss.
+
+    Attributes:
       optimizer: "adam_l2" = PyTorch-style Adam(weight_decay=...): L2 added to the gradient
-        before Adam (`optax.chain(add_decayed_weights, adam)`); "adamw" = decoupled
-        weight decay (Loshchilov & Hutter), applied to conv/dense kernels only.
+        before Adam; "adamw" = decoupled weight decay on conv/dense kernels only.
       lr: peak learning rate.
       weight_decay: L2 coefficient (adam_l2) or decoupled decay (adamw, multiplied by lr).
       schedule: "constant", "onecycle" (cosine one-cycle) or "cosine" (warmup + cosine).
       warmup_frac: fraction of all steps spent warming up (onecycle/cosine).
       label_smoothing: 0 for plain cross-entropy.
-      augment: random crop (pad 4) + horizontal flip on every batch.
-      pad_mode: "reflect" or "constant" (zero) padding before the random crop.
-      patience: early stopping on validation loss: stop after this many epochs without
-        improvement and restore the best params (0 disables early stopping, but the
-        best-validation params are still the ones returned).
-      val_size: examples held out of train for validation / early stopping.
-      log_every: steps between host fetches of training metrics.
-      defense: training-time batch transform: "none", "median" (train on median-filtered
-        images), "fgsm_at" (FGSM adversarial training, Goodfellow et al.), "pgd_at"
-        (PGD adversarial training, Madry et al.) or "fast_at" (FGSM from a random start,
-        Wong et al. 2020, "Fast is better than free").
-      defense_eps: L-inf eps (pixels in [0, 1]) of the adversarial training attack.
-      adv_weight: weight of the adversarial loss term for "fgsm_at" (Goodfellow's 0.5);
-        "pgd_at" and "fast_at" train on adversarial examples only, as their papers do.
-      median_size: filter size for "median".
-      pgd_steps: PGD steps for "pgd_at" (step size 2.5 * eps / steps).
-      fast_alpha: step of "fast_at" in units of eps (Wong et al.: 1.25).
-      co_guard: if > 0 (adversarial training), measure PGD-10 accuracy on 512 validation
-        images after every epoch, keep the params with the best one, and stop when it
-        falls this many points below its best (catastrophic overfitting).
     """
 
-    name: str = "seed"
-    widths: tuple[int, ...] = (32, 64, 128)
-    head: tuple[int, ...] = (128,)
-    norm: str | None = None
-    dtype: str = "float32"
-    batch_size: int = 64
-    epochs: int = 70
     optimizer: str = "adam_l2"
     lr: float = 1e-3
     weight_decay: float = 5e-4
     schedule: str = "constant"
     warmup_frac: float = 0.15
     label_smoothing: float = 0.0
-    augment: bool = True
-    pad_mode: str = "reflect"
-    patience: int = 10
-    val_size: int = 5000
-    log_every: int = 50
-    defense: str = "none"
-    defense_eps: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class DefenseConfig:
+    """The training-time defense, by name in `jaxadv.defenses.REGISTRY`, and its settings.
+
+    Attributes:
+      name: "none", "median", "fgsm_at", "pgd_at" or "fast_at" (see `jaxadv.defenses`).
+      eps: L-inf eps (pixels in [0, 1]) of adversarial training.
+      adv_weight: fraction of each batch replaced by FGSM examples ("fgsm_at";
+        Goodfellow's 0.5); "pgd_at" and "fast_at" train on adversarial examples only.
+      median_size: filter size of "median" (training and deployment).
+      pgd_steps: PGD steps of "pgd_at" (step size 2.5 * eps / steps).
+      fast_alpha: step of "fast_at" in units of eps (Wong et al.: 1.25).
+      co_guard: if > 0 (adversarial training), measure PGD-10 accuracy on 512 validation
+        images after every epoch, keep the params with the best one, and stop when it falls
+        this many points below its best (catastrophic overfitting).
+    """
+
+    name: str = "none"
+    eps: float = 0.1
     adv_weight: float = 0.5
     median_size: int = 3
     pgd_steps: int = 7
     fast_alpha: float = 1.25
     co_guard: float = 0.0
 
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (and is stored with its checkpoints).
+
+    Attributes:
+      name: preset name.
+      model, optim, defense: the three sections above.
+      batch_size: examples per step (the last partial batch of an epoch is dropped).
+      epochs: maximum number of epochs.
+      patience: early stopping on the validation score: stop after this many epochs
+        without improvement (0 disables it; the best-validation params are still returned).
+      val_size: examples held out of train for validation / early stopping.
+      augment: random crop (pad 4) + horizontal flip on every batch.
+      pad_mode: "reflect" or "constant" (zero) padding before the random crop.
+      log_every: steps between host fetches of training metrics.
+    """
+
+    name: str = "seed"
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    defense: DefenseConfig = DefenseConfig()
+    batch_size: int = 64
+    epochs: int = 70
+    patience: int = 10
+    val_size: int = 5000
+    augment: bool = True
+    pad_mode: str = "reflect"
+    log_every: int = 50
+
     def replace(self, **kwargs: Any) -> "TrainConfig":
+        """A copy with top-level fields or whole sections replaced."""
         return dataclasses.replace(self, **kwargs)
+
+    def with_defense(self, name: str, **settings: Any) -> "TrainConfig":
+        """A copy training with defense `name` (other defense settings kept unless given)."""
+        return self.replace(defense=dataclasses.replace(self.defense, name=name, **settings))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
-        return cls(**d)
+        """Build from `to_dict()` output, or from a jaxadv 0.1 flat dict (old checkpoints)."""
+        if not isinstance(d.get("model"), dict):
+            d = _from_flat(d)
+        sections = {"model": ModelConfig, "optim": OptimConfig, "defense": DefenseConfig}
+        kw = {k: _build(sections[k], v) if k in sections else v for k, v in d.items() if k in _fields(cls)}
+        return _build(cls, kw)
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _build(cls, d: dict):
+    known = _fields(cls)
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known})
+
+
+# jaxadv 0.1 stored one flat record; where each field lives now.
+_FLAT = {
+    "model": {"widths": "widths", "head": "head", "norm": "norm", "dtype": "dtype"},
+    "optim": {"optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay", "schedule": "schedule",
+              "warmup_frac": "warmup_frac", "label_smoothing": "label_smoothing"},
+    "defense": {"defense": "name", "defense_eps": "eps", "adv_weight": "adv_weight", "median_size": "median_size",
+                "pgd_steps": "pgd_steps", "fast_alpha": "fast_alpha", "co_guard": "co_guard"},
+}  # fmt: skip
+
+
+def _from_flat(d: dict) -> dict:
+    nested = {k: v for k, v in d.items() if not any(k in m for m in _FLAT.values())}
+    for section, mapping in _FLAT.items():
+        nested[section] = {new: d[old] for old, new in mapping.items() if old in d}
+    return nested
 
 
 # Faithful to the study: no normalization layers, Adam lr 1e-3 with PyTorch-style weight
@@ -98,15 +167,11 @@ SEED = TrainConfig()
 # BatchNorm, AdamW with a cosine one-cycle LR, label smoothing, batch 128.
 FAST = TrainConfig(
     name="fast",
-    norm="batch",
+    model=ModelConfig(norm="batch"),
+    optim=OptimConfig(optimizer="adamw", lr=3e-3, weight_decay=5e-2, schedule="onecycle", warmup_frac=0.2,
+                      label_smoothing=0.1),
     batch_size=128,
     epochs=18,
-    optimizer="adamw",
-    lr=3e-3,
-    weight_decay=5e-2,
-    schedule="onecycle",
-    warmup_frac=0.2,
-    label_smoothing=0.1,
     patience=0,
 )
 
