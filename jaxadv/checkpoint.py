@@ -7,7 +7,6 @@ stays behind `save`, `restore`, `latest_step` and `read_meta` because its API mo
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -106,27 +105,3 @@ def restore(directory: str | os.PathLike, template: Any, step: int | None = None
                 f"checkpoint {directory} step {step} is incompatible: array shape {b.shape} != expected {a.shape}"
             )
     return step, out["state"], out["meta"]
-
-
-def json_safe(obj: Any) -> Any:
-    """Replace NaN by None and +-inf by "inf"/"-inf", so the output is strict JSON."""
-    import math
-
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to `path` via a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(json_safe(obj), f, indent=2, sort_keys=False, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)

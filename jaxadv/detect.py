@@ -65,18 +65,13 @@ def adaptive_objective(apply_fn: ApplyFn, squeezers: tuple[Squeezer, ...], lam: 
 
 
 def scores(apply_fn, params, images: np.ndarray, squeezers: Sequence[Squeezer], *, batch_size: int = 500):
-    """Scores of a dataset (u8 or f32 images), in fixed-size padded batches."""
-    from jaxadv.train import pad_batches, pad_to
+    """Scores f32[N] of a dataset (u8 or f32 images), in padded batches sharded over all devices."""
+    from jaxadv.evaluation import batches
 
     squeezers = tuple(squeezers)
     out = []
-    n = len(images)
-    batch_size = min(batch_size, n)
-    for start, stop, pad in pad_batches(n, batch_size):
-        x = pad_to(np.asarray(images[start:stop]), pad)
-        if x.dtype == np.uint8:
-            x = x.astype(np.float32) / 255.0
-        out.append(np.asarray(_score_jit(apply_fn, params, x, squeezers))[: stop - start])
+    for _, b in batches(images, np.zeros(len(images), np.int32), batch_size=batch_size):
+        out.append(np.asarray(_score_jit(apply_fn, params, b.x, squeezers))[: b.stop - b.start])
     return np.concatenate(out)
 
 

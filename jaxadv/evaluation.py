@@ -1,17 +1,219 @@
-"""Accuracy under attack over a whole dataset: fixed-size padded batches, masked sums."""
+"""One evaluation layer: padded, masked batches sharded over all devices; accuracy on clean
+images, under any attack, or on given inputs (the transfer protocol).
+
+Every batch has the same shape (the last one is padded by repeating its last example and
+masked out of the sums), so each model and attack compiles once. Batches are split over
+all local devices (a 1-D "batch" mesh, params replicated), as in training. Attack keys
+are folded per example from its dataset index, so a result does not depend on the batch
+size, the order of the examples or the number of devices.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxadv.attacks.deepfool import DeepFoolResult
-from jaxadv.train import _eval_step_jit, pad_batches, pad_to, summarize
+from jaxadv import attacks, io, parallel
+from jaxadv.losses import cross_entropy
 
-# attack(x: f32[B,H,W,C] in [0,1], y: i32[B]) -> x_adv or DeepFoolResult
-AttackFn = Callable[[jax.Array, jax.Array], "jax.Array | DeepFoolResult"]
+
+def to_float(x):
+    """uint8 [0, 255] -> float32 [0, 1]; float input -> float32. NumPy in, NumPy out; jax in, jax out."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    if x.dtype == np.uint8:
+        return xp.asarray(x, xp.float32) / xp.float32(255.0)
+    return xp.asarray(x, xp.float32)
+
+
+def pad_batches(n: int, batch_size: int):
+    """Yield (start, stop, pad) for fixed-size batches over n examples; the last is padded."""
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        yield start, stop, batch_size - (stop - start)
+
+
+def pad_to(x: np.ndarray, pad: int) -> np.ndarray:
+    """`x` with its last row repeated `pad` times."""
+    if pad == 0:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0)
+
+
+class Batch(NamedTuple):
+    """One fixed-size batch, on device and sharded over the mesh."""
+
+    x: jax.Array  # f32[B,H,W,C] in [0, 1]
+    y: jax.Array  # i32[B]
+    mask: jax.Array  # bool[B], False on padding
+    index: np.ndarray  # int64[B] dataset indices (padding repeats the last one)
+    start: int  # position of the first example in the evaluated arrays
+    stop: int  # one past the last real example
+
+
+def batch_size_for(n: int, batch_size: int, mesh) -> int:
+    """min(batch_size, n) rounded up to a multiple of the device count."""
+    ndev = mesh.devices.size
+    return -(-min(batch_size, max(n, 1)) // ndev) * ndev
+
+
+def batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, index: np.ndarray | None = None,
+            mesh=None, skip: Callable[[int], bool] = lambda i: False) -> Iterator[tuple[int, Batch | None]]:  # fmt: skip
+    """Yield `(i, Batch)` for every fixed-size batch (`(i, None)` where `skip(i)`).
+
+    Args:
+      images: u8 or f32 [N,H,W,C] host array (or memory map).
+      labels: int[N].
+      batch_size: examples per batch (rounded up to a multiple of the device count).
+      index: int[N] dataset indices of the examples (default arange(N)).
+      mesh: the device mesh (default: all local devices).
+      skip: batches for which nothing needs to be loaded (e.g. already stored).
+    """
+    mesh = mesh or parallel.batch_mesh()
+    n = len(labels)
+    index = np.arange(n) if index is None else np.asarray(index)
+    bs = batch_size_for(n, batch_size, mesh)
+    sharding = parallel.batch_sharded(mesh)
+    for i, (start, stop, pad) in enumerate(pad_batches(n, bs)):
+        if skip(i):
+            yield i, None
+            continue
+        x = to_float(pad_to(np.asarray(images[start:stop]), pad))
+        y = pad_to(np.asarray(labels[start:stop]).astype(np.int32), pad)
+        mask = np.arange(bs) < (stop - start)
+        x, y, mask = jax.device_put((x, y, mask), sharding)
+        yield i, Batch(x, y, mask, pad_to(index[start:stop], pad), start, stop)
+
+
+def eval_step(apply_fn, params, x, y, mask) -> dict:
+    """Masked sums of loss and correct predictions of one batch, and its predictions."""
+    logits = apply_fn(params, to_float(x))
+    pred = jnp.argmax(logits, -1)
+    m = mask.astype(jnp.float32)
+    example_loss = cross_entropy(logits, y)
+    return {
+        "loss": jnp.sum(example_loss * m),
+        "correct": jnp.sum(jnp.where(pred == y, m, 0.0)),
+        "count": jnp.sum(m),
+        "pred": pred,
+        "example_loss": example_loss,
+    }
+
+
+_eval_step_jit = jax.jit(eval_step, static_argnums=0)
+
+
+def summarize(sums: list[dict]) -> dict:
+    """Accuracy (%), mean loss and count from per-batch sums."""
+    total = {k: sum(float(s[k]) for s in sums) for k in ("loss", "correct", "count")}
+    count = total["count"]
+    return {"accuracy_pct": 100.0 * total["correct"] / max(count, 1.0), "loss": total["loss"] / max(count, 1.0),
+            "n": int(count)}  # fmt: skip
+
+
+def evaluate(apply_fn, params, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 1000) -> dict:
+    """Clean accuracy (%) and mean cross-entropy over a dataset: `{"accuracy_pct", "loss", "n"}`."""
+    mesh = parallel.batch_mesh()
+    params = jax.device_put(params, parallel.replicated(mesh))
+    sums = [_eval_step_jit(apply_fn, params, b.x, b.y, b.mask)
+            for _, b in batches(images, labels, batch_size=batch_size, mesh=mesh)]  # fmt: skip
+    return summarize(jax.device_get(sums))
+
+
+def predict(apply_fn, params, images: np.ndarray, *, batch_size: int = 1000) -> np.ndarray:
+    """Predicted class ids i32[N] for u8 or f32 images."""
+    labels = np.zeros(len(images), np.int32)
+    out = []
+    for _, b in batches(images, labels, batch_size=batch_size):
+        out.append(np.asarray(_eval_step_jit(apply_fn, params, b.x, b.y, b.mask)["pred"])[: b.stop - b.start])
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Under attack
+# ---------------------------------------------------------------------------------------
+
+
+class BatchStore:
+    """Finished batches of one evaluation on disk, so an interrupted one resumes.
+
+    Each batch is one `.npz` written atomically; `fingerprint` (what the results depend
+    on) is stored beside them, and a store holding another fingerprint is cleared.
+    """
+
+    def __init__(self, directory: str | Path, fingerprint: dict):
+        self.dir = Path(directory)
+        meta = self.dir / "fingerprint.json"
+        want = io.json_safe(fingerprint)
+        if meta.exists() and io.read_json(meta) != want:
+            for f in self.dir.glob("batch_*.npz"):
+                f.unlink()
+        if not meta.exists() or io.read_json(meta) != want:
+            io.write_json(meta, want)
+
+    def _path(self, i: int) -> Path:
+        return self.dir / f"batch_{i:05d}.npz"
+
+    def has(self, i: int) -> bool:
+        return self._path(i).exists()
+
+    def get(self, i: int) -> dict:
+        with np.load(self._path(i)) as z:
+            return {k: z[k] for k in z.files}
+
+    def put(self, i: int, record: dict) -> None:
+        io.write_npz(self._path(i), **record)
+
+
+def _runner(attack) -> Callable | None:
+    """`(apply_fn, params, x, y, keys) -> (x_adv, MinNormInfo | None)` for an attack given as a
+    `Spec`, a registry name or a function following the attack contract."""
+    if attack is None:
+        return None
+    if isinstance(attack, str):
+        attack = attacks.Spec(attack)
+    if isinstance(attack, attacks.Spec):
+        return functools.partial(attack, return_info=True)
+    if attacks.meta(attack).minimum_norm:
+        return functools.partial(attack, return_info=True)
+    return lambda apply_fn, params, x, y, key: (attack(apply_fn, params, x, y, key=key), None)
+
+
+@jax.jit
+def _fold_keys(key, index):
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
+
+
+def _attack_batch(b: Batch, run, apply_fn, attack_apply, params, key, inputs, keep_adv: bool) -> dict:
+    """Everything one batch contributes: sums, per-example results, and x_adv if kept."""
+    info = clean_pred = None
+    if inputs is not None:
+        x = to_float(pad_to(np.asarray(inputs[b.start:b.stop]), len(b.index) - (b.stop - b.start)))
+        x = jax.device_put(x, b.x.sharding)
+    elif run is not None:
+        keys = _fold_keys(key, jnp.asarray(b.index, jnp.uint32))
+        x, info = run(attack_apply, params, b.x, b.y, key=keys)
+    else:
+        x = b.x
+    out = _eval_step_jit(apply_fn, params, x, b.y, b.mask)
+    if info is not None:
+        clean_pred = _eval_step_jit(apply_fn, params, b.x, b.y, b.mask)["pred"]
+    n = b.stop - b.start
+    rec = {k: np.asarray(out[k]) for k in ("loss", "correct", "count")}
+    rec["index"] = b.index[:n]
+    rec["pred"] = np.asarray(out["pred"])[:n]
+    rec["example_loss"] = np.asarray(out["example_loss"])[:n]
+    if info is not None:
+        rec["clean_pred"] = np.asarray(clean_pred)[:n]
+        for k, v in info._asdict().items():
+            rec[k] = np.asarray(v)[:n]
+    if keep_adv:
+        rec["x_adv"] = np.asarray(x)[:n]
+    return rec
 
 
 def attack_eval(
@@ -20,107 +222,99 @@ def attack_eval(
     images: np.ndarray,
     labels: np.ndarray,
     *,
-    attack: AttackFn | None = None,
+    attack: Any = None,
+    attack_apply=None,
+    key=None,
+    index: np.ndarray | None = None,
     inputs: np.ndarray | None = None,
     batch_size: int = 500,
     keep_adv: bool = False,
     progress: bool = False,
     desc: str = "eval",
+    store: BatchStore | None = None,
 ) -> tuple[dict, np.ndarray | None]:
     """Accuracy and loss of `apply_fn(params, .)` on attacked (or given) inputs.
-
-    Every batch has the same shape (the last one is padded and masked), so each attack and
-    the evaluation compile once.
 
     Args:
       apply_fn, params: the classifier that is evaluated.
       images: u8[N,H,W,C] (or f32 in [0, 1]) clean images.
       labels: i32[N] true labels.
-      attack: `(x, y) -> x_adv` or `-> DeepFoolResult`, run per batch on the float images
-        (None: evaluate `inputs`, or the clean images).
+      attack: None (clean, or `inputs`), an `attacks.Spec`, a registry name, or any
+        function with the attack contract `(apply_fn, params, x, y, *, key) -> x_adv`.
+        Minimum-norm attacks add their per-example statistics to the summary.
+      attack_apply: the classifier the attack sees (default `apply_fn`), e.g. a BPDA
+        version of a squeezed model for an adaptive attack.
+      key: root PRNG key of randomized attacks (default `key(0)`); example i gets
+        `fold_in(key, index[i])`.
+      index: int[N] dataset indices of the examples (default arange(N)).
       inputs: precomputed f32[N,H,W,C] inputs to evaluate instead of attacking, e.g.
         adversarial examples crafted on another model (the transfer protocol).
-      batch_size: examples per batch.
-      keep_adv: return the attacked inputs (f32[N,H,W,C]) as well.
+      batch_size: examples per batch (rounded up to a multiple of the device count).
+      keep_adv: also return the evaluated inputs, f32[N,H,W,C].
       progress: show a tqdm bar.
+      desc: the bar's label.
+      store: a `BatchStore`; finished batches are saved there and reused on a rerun.
 
     Returns:
-      (summary, x_adv or None). summary has "accuracy_pct", "loss", "n"; for DeepFool also
-      "success_rate_pct" (prediction changed), "success_rate_correct_pct" (over examples
-      the model classified correctly), "l2_mean", "l2_median" (or the attack's norm),
-      "iterations_mean", "iterations_max", "accuracy_label_aware_pct" (accuracy had
-      misclassified inputs been left unattacked), and "norms" (of successful attacks).
+      (summary, x_adv or None). summary has "accuracy_pct", "loss", "n" and "per_example"
+      (index, correct), plus for minimum-norm attacks (see `_min_norm_stats`) their
+      success rates, norms and iterations.
     """
     from tqdm.auto import tqdm
 
-    n = len(labels)
-    batch_size = min(batch_size, n)
-    sums, kept, extras = [], [], []
-    batches = list(pad_batches(n, batch_size))
-    for start, stop, pad in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        src = inputs if inputs is not None else images
-        x = pad_to(np.asarray(src[start:stop]), pad)
-        y = pad_to(labels[start:stop], pad)
-        if x.dtype == np.uint8:
-            x = x.astype(np.float32) / 255.0
-        mask = np.arange(batch_size) < (stop - start)
-        if attack is not None:
-            out = attack(x, y)
-            if isinstance(out, DeepFoolResult):
-                extras.append((out.iterations, out.success, out.norm, mask))
-                out = out.x_adv
-            x = out
-        sums.append(_eval_step_jit(apply_fn, params, x, y, mask))
-        if keep_adv:
-            kept.append(np.asarray(x)[: stop - start])
-    summary = summarize(sums)
-    if extras:
-        summary.update(_deepfool_stats(extras, labels, images, apply_fn, params, batch_size))
-    return summary, (np.concatenate(kept) if keep_adv else None)
+    run = _runner(attack)
+    mesh = parallel.batch_mesh()
+    params = jax.device_put(params, parallel.replicated(mesh))
+    key = jax.random.key(0) if key is None else key
+    attack_apply = attack_apply or apply_fn
+    done = store.has if store is not None else (lambda i: False)
+    recs = []
+    it = batches(images, labels, batch_size=batch_size, index=index, mesh=mesh, skip=done)
+    total = -(-len(labels) // batch_size_for(len(labels), batch_size, mesh))
+    for i, b in tqdm(it, total=total, desc=desc, disable=not progress, leave=False):
+        if b is None:
+            recs.append(store.get(i))
+            continue
+        rec = _attack_batch(b, run, apply_fn, attack_apply, params, key, inputs, keep_adv)
+        if store is not None:
+            store.put(i, rec)
+        recs.append(rec)
+    return _summary(recs, labels), (np.concatenate([r["x_adv"] for r in recs]) if keep_adv else None)
 
 
-def _deepfool_stats(extras, labels, images, apply_fn, params, batch_size) -> dict:
-    iters, success, norms = (
-        np.concatenate([np.asarray(e[i])[np.asarray(e[3])] for e in extras]) for i in range(3)
-    )
-    clean_pred = predict(apply_fn, params, images, batch_size=batch_size)
-    correct = clean_pred == labels
+def _summary(recs: list[dict], labels: np.ndarray) -> dict:
+    summary = summarize(recs)
+    pred = np.concatenate([r["pred"] for r in recs])
+    summary["per_example"] = {"index": np.concatenate([r["index"] for r in recs]), "pred": pred,
+                              "correct": pred == np.asarray(labels),
+                              "example_loss": np.concatenate([r["example_loss"] for r in recs])}  # fmt: skip
+    if "norm" in recs[0]:
+        cat = {k: np.concatenate([r[k] for r in recs]) for k in ("clean_pred", "iterations", "success", "norm")}
+        summary.update(_min_norm_stats(cat, np.asarray(labels)))
+        summary["per_example"].update(cat)
+    return summary
+
+
+def _min_norm_stats(r: dict, labels: np.ndarray) -> dict:
+    """Statistics of a minimum-norm attack (DeepFool convention: the reference class is the
+    clean prediction, so misclassified inputs are attacked too)."""
+    correct, success, norms, iters = r["clean_pred"] == labels, r["success"], r["norm"], r["iterations"]
+    nan = float("nan")
     return {
-        # DeepFool's reference class is the prediction, so it also moves misclassified
-        # inputs (often onto the true class). Label-aware peers (torchattacks) leave those
-        # unchanged; their accuracy is the fraction correct at x0 and not fooled:
+        # Label-aware peers (torchattacks) leave misclassified inputs unchanged; their
+        # accuracy is the fraction correct at x0 and not fooled:
         "accuracy_label_aware_pct": 100.0 * float(np.mean(correct & ~success)),
         "success_rate_pct": 100.0 * float(success.mean()),
-        "success_rate_correct_pct": 100.0 * float(success[correct].mean()) if correct.any() else float("nan"),
+        "success_rate_correct_pct": 100.0 * float(success[correct].mean()) if correct.any() else nan,
         "n_correct": int(correct.sum()),
-        "norm_mean": float(norms[success].mean()) if success.any() else float("nan"),
-        "norm_median": float(np.median(norms[success])) if success.any() else float("nan"),
+        "norm_mean": float(norms[success].mean()) if success.any() else nan,
+        "norm_median": float(np.median(norms[success])) if success.any() else nan,
         "iterations_mean": float(iters.mean()),
         "iterations_max": int(iters.max()),
         "norms": norms[success].tolist(),  # of the successful attacks, like the mean/median
         # For accuracy against an L2 radius r: correct inputs whose minimal perturbation
-        # (as DeepFool measures it) exceeds r, plus the correct ones it never fooled.
+        # (as the attack measures it) exceeds r, plus the correct ones it never fooled.
         "norms_correct": norms[success & correct].tolist(),
         "n_correct_unfooled": int((correct & ~success).sum()),
     }
 
-
-def predict(apply_fn, params, images: np.ndarray, *, batch_size: int = 1000) -> np.ndarray:
-    """Predicted class ids i32[N] for u8 or f32 images."""
-    fn = _predict_jit
-    out = []
-    n = len(images)
-    batch_size = min(batch_size, n)
-    for start, stop, pad in pad_batches(n, batch_size):
-        x = pad_to(np.asarray(images[start:stop]), pad)
-        out.append(np.asarray(fn(apply_fn, params, x))[: stop - start])
-    return np.concatenate(out)
-
-
-def _predict(apply_fn, params, x):
-    from jaxadv.train import to_float
-
-    return apply_fn(params, to_float(x)).argmax(-1)
-
-
-_predict_jit = jax.jit(_predict, static_argnums=0)

@@ -1,10 +1,19 @@
-"""Training: optimizer, pure train/eval steps, and `fit`, the one loop that owns side effects."""
+"""Training: optimizer, the pure train step, `fit` (the one loop) and `train_and_evaluate`.
+
+`train_and_evaluate(cfg, splits, workdir)` is what the CLI's `train` command and the study
+both call (as in flax's examples): it resolves the config's defense once, trains with
+`fit`, and writes the run directory (checkpoints, history, curves, test summary). `fit`
+is the only training loop; its pieces (restore, one epoch, early stopping) are small
+functions, and early stopping with the catastrophic-overfitting guard is a pure update.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -14,10 +23,15 @@ import numpy as np
 import optax
 from flax import struct
 
-from jaxadv import checkpoint, parallel
-from jaxadv.configs import TrainConfig
+from jaxadv import checkpoint, defenses, evaluation, io, parallel
+from jaxadv.configs import ModelConfig, OptimConfig, TrainConfig
+from jaxadv.data import augment as _augment
+from jaxadv.losses import cross_entropy
 from jaxadv.models import CNN, make_apply
 from jaxadv.types import Array, BatchTransform, PRNGKey
+
+evaluate = evaluation.evaluate  # the clean-accuracy function, where users found it in 0.1
+to_float = evaluation.to_float
 
 
 class TrainState(struct.PyTreeNode):
@@ -42,15 +56,16 @@ def variables_of(params, batch_stats) -> dict:
     return {"params": params}
 
 
-def create_model(cfg: TrainConfig, num_classes: int = 10) -> CNN:
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(cfg.dtype)
+def create_model(cfg: TrainConfig | ModelConfig, num_classes: int = 10) -> CNN:
+    m = cfg.model if isinstance(cfg, TrainConfig) else cfg
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(m.dtype)
     if dtype is None:
-        raise ValueError(f"unknown dtype {cfg.dtype!r}; expected 'float32' or 'bfloat16'")
-    return CNN(widths=tuple(cfg.widths), head=tuple(cfg.head), num_classes=num_classes, norm=cfg.norm, dtype=dtype)
+        raise ValueError(f"unknown dtype {m.dtype!r}; expected 'float32' or 'bfloat16'")
+    return CNN(widths=tuple(m.widths), head=tuple(m.head), num_classes=num_classes, norm=m.norm, dtype=dtype)
 
 
-def create_learning_rate_fn(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
-    total = max(1, cfg.epochs * steps_per_epoch)
+def create_learning_rate_fn(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    total = max(1, total_steps)
     if cfg.schedule == "constant":
         return optax.constant_schedule(cfg.lr)
     if cfg.schedule == "onecycle":
@@ -63,15 +78,15 @@ def create_learning_rate_fn(cfg: TrainConfig, steps_per_epoch: int) -> optax.Sch
     raise ValueError(f"unknown schedule {cfg.schedule!r}; expected constant, onecycle or cosine")
 
 
-def create_optimizer(cfg: TrainConfig, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(cfg: OptimConfig, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
     if cfg.optimizer == "adam_l2":
         # torch.optim.Adam(weight_decay=wd): wd * param is added to the gradient, then Adam.
         return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(learning_rate_fn))
     if cfg.optimizer == "adamw":
         # Decay kernels only: decaying biases and BatchNorm scales just fights the normalization.
-        mask = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
-            lambda path, _: getattr(path[-1], "key", None) == "kernel", params
-        )
+        def mask(params):
+            return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
         return optax.adamw(learning_rate_fn, weight_decay=cfg.weight_decay, mask=mask)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected adam_l2 or adamw")
 
@@ -86,24 +101,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
     )  # fmt: skip
 
 
-def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0) -> Array:
-    """Per-example softmax cross-entropy; f32[B]."""
-    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
-    if label_smoothing:
-        onehot = optax.smooth_labels(onehot, label_smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
-
-
-def identity_transform(params, x, y, key):
-    del params, key
-    return x, y
-
-
-def to_float(x: Array) -> Array:
-    """uint8 [0, 255] -> float32 [0, 1]; float input passes through."""
-    if x.dtype == jnp.uint8:
-        return x.astype(jnp.float32) / 255.0
-    return x.astype(jnp.float32)
+def make_augment(cfg: TrainConfig) -> Callable[[PRNGKey, Array], Array] | None:
+    """The config's per-batch augmentation `(key, x) -> x` (crop after padding 4, flip), or None."""
+    return functools.partial(_augment, pad=4, pad_mode=cfg.pad_mode, flip=True) if cfg.augment else None
 
 
 def train_step(
@@ -117,7 +117,7 @@ def train_step(
     batch_size: int,
     label_smoothing: float = 0.0,
     augment_fn: Callable[[PRNGKey, Array], Array] | None = None,
-    batch_transform: BatchTransform = identity_transform,
+    batch_transform: BatchTransform = defenses.identity_transform,
     batch_sharding=None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on batch `index` of the permutation `perm` of the device-resident data.
@@ -163,7 +163,8 @@ def train_step(
         return loss, (logits, new_stats)
 
     (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 step counts with float schedules
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     n = jnp.asarray(y.shape[0], jnp.float32)
     metrics = {
@@ -175,66 +176,46 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(apply_fn, params, x: Array, y: Array, mask: Array) -> dict:
-    """Sums of loss and correct predictions over the unmasked examples of one padded batch."""
-    logits = apply_fn(params, to_float(x))
-    loss = cross_entropy(logits, y)
-    m = mask.astype(jnp.float32)
-    return {
-        "loss": jnp.sum(loss * m),
-        "correct": jnp.sum((jnp.argmax(logits, -1) == y) * m),
-        "count": jnp.sum(m),
-    }
+# ---------------------------------------------------------------------------------------
+# Early stopping and the catastrophic-overfitting guard: a pure update per epoch
+# ---------------------------------------------------------------------------------------
 
 
-_eval_step_jit = jax.jit(eval_step, static_argnums=0)
+class Stopping(NamedTuple):
+    """Early-stopping state. `score`: lower is better (validation loss, or minus robust accuracy)."""
+
+    best_score: float = math.inf
+    bad_epochs: int = 0
 
 
-def pad_batches(n: int, batch_size: int):
-    """Yield (start, stop, pad) for fixed-size batches over n examples; the last is padded."""
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        yield start, stop, batch_size - (stop - start)
-
-
-def pad_to(x: np.ndarray, pad: int) -> np.ndarray:
-    if pad == 0:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0)
-
-
-def evaluate(apply_fn, params, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 1000) -> dict:
-    """Clean accuracy (%) and mean cross-entropy over a dataset, with one compiled shape.
-
-    Batches are split over all local devices (params replicated).
+def update_stopping(s: Stopping, score: float, *, patience: int, co_guard: float = 0.0,
+                    robust: bool = False) -> tuple[Stopping, bool, str | None]:  # fmt: skip
+    """One epoch's verdict.
 
     Returns:
-      {"accuracy_pct": float, "loss": float, "n": int}
+      (new state, improved, reason to stop or None). `improved`: this epoch's params are
+      the best so far. Stops after `patience` epochs without improvement (0: never), or,
+      when the score is minus robust accuracy and `co_guard > 0`, as soon as robust accuracy
+      falls `co_guard` points below its best: catastrophic overfitting (Wong et al. 2020).
     """
-    mesh = parallel.batch_mesh()
-    ndev = mesh.devices.size
-    n = len(labels)
-    batch_size = -(-min(batch_size, max(n, 1)) // ndev) * ndev
-    params = jax.device_put(params, parallel.replicated(mesh))
-    sharding = parallel.batch_sharded(mesh)
-    sums = []
-    for start, stop, pad in pad_batches(n, batch_size):
-        x = pad_to(images[start:stop], pad)
-        y = pad_to(labels[start:stop], pad)
-        mask = np.arange(batch_size) < (stop - start)
-        x, y, mask = jax.device_put((x, y, mask), sharding)
-        sums.append(_eval_step_jit(apply_fn, params, x, y, mask))
-    return summarize(sums)
+    collapsed = robust and co_guard > 0 and score > s.best_score + co_guard
+    improved = score < s.best_score
+    s = Stopping(score, 0) if improved else Stopping(s.best_score, s.bad_epochs + 1)
+    if collapsed:
+        return s, improved, f"robust validation accuracy fell by more than {co_guard:g} points: catastrophic overfitting"
+    if patience and s.bad_epochs >= patience:
+        return s, improved, f"early stop: the validation score has not improved for {patience} epochs"
+    return s, improved, None
 
 
-def summarize(sums: list[dict]) -> dict:
-    total = jax.device_get(jax.tree.map(lambda *a: sum(a), *sums))
-    count = float(total["count"])
-    return {
-        "accuracy_pct": 100.0 * float(total["correct"]) / max(count, 1.0),
-        "loss": float(total["loss"]) / max(count, 1.0),
-        "n": int(count),
-    }
+# ---------------------------------------------------------------------------------------
+# fit: the one training loop
+# ---------------------------------------------------------------------------------------
+
+
+def _lr(lr_fn, step: int) -> float:
+    with jax.numpy_dtype_promotion("standard"):  # optax schedules mix int counts and floats
+        return float(lr_fn(step))
 
 
 class FitResult(NamedTuple):
@@ -243,12 +224,107 @@ class FitResult(NamedTuple):
     stopped_early: bool
 
 
-def _checkpoint_tree(state: TrainState, best_params, best_stats, key) -> dict:
+@dataclasses.dataclass
+class _Run:
+    """The loop's mutable bookkeeping, kept in one place (and in every checkpoint)."""
+
+    state: TrainState
+    best: dict  # {"params", "batch_stats"}: a copy of the best params so far
+    stopping: Stopping
+    history: list
+    start_epoch: int = 0
+    stopped_early: bool = False
+
+
+def _copy_best(state: TrainState) -> dict:
+    # The step donates `state`'s buffers, so the best params must be a copy, not an alias.
+    return {"params": jax.tree.map(jnp.copy, state.params), "batch_stats": jax.tree.map(jnp.copy, state.batch_stats)}
+
+
+def _checkpoint_tree(state: TrainState, best: dict, key) -> dict:
     return {
         "params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
-        "step": state.step, "best_params": best_params, "best_batch_stats": best_stats,
+        "step": state.step, "best_params": best["params"], "best_batch_stats": best["batch_stats"],
         "key": jax.random.key_data(key),
     }  # fmt: skip
+
+
+def _restore(run: _Run, cfg: TrainConfig, ckpt_dir: str, key, expected: dict, log) -> _Run:
+    """The run as its latest checkpoint left it; refuses a checkpoint of another config or data."""
+    template = _checkpoint_tree(run.state, run.best, key)
+    _, tree, meta = checkpoint.restore(ckpt_dir, template)
+    if TrainConfig.from_dict(meta.get("config", {})) != cfg:
+        raise checkpoint.CheckpointError(
+            f"checkpoint in {ckpt_dir} was written with a different config; use a new --out or the same config")
+    # Same data and seed too, or the continuation is not the run that was interrupted.
+    for k, v in expected.items():
+        if k in meta and meta[k] != io.json_safe(v):
+            raise checkpoint.CheckpointError(
+                f"checkpoint in {ckpt_dir} was written with {k}={meta[k]!r}, not {v!r}; use a new --out")
+    state = run.state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
+                              opt_state=tree["opt_state"])  # fmt: skip
+    best_score = meta.get("best_score", meta.get("best_val_loss"))
+    stopped = bool(meta.get("stopped_early"))
+    log(f"resumed from {ckpt_dir} after epoch {meta['epoch'] + 1}")
+    return _Run(state=state, best={"params": tree["best_params"], "batch_stats": tree["best_batch_stats"]},
+                stopping=Stopping(math.inf if best_score in (None, "inf") else float(best_score), meta["bad_epochs"]),
+                history=meta["history"], start_epoch=cfg.epochs if stopped else meta["epoch"] + 1,
+                stopped_early=stopped)  # fmt: skip
+
+
+def _run_epoch(step_fn, state, data, perm, train_key, *, steps: int, log_every: int, desc: str, progress: bool):
+    """One epoch of steps; metrics are fetched every `log_every` steps, never per step."""
+    from tqdm.auto import tqdm  # side effects stay in the loop
+
+    images, labels = data
+    t0 = time.perf_counter()
+    window: list[dict] = []
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    for i in range(steps):
+        state, metrics = step_fn(state, images, labels, perm, jnp.int32(i), train_key)
+        window.append(metrics)
+        if len(window) == log_every or i == steps - 1:
+            for m in jax.device_get(window):  # the only host sync in the step loop
+                for k in totals:
+                    totals[k] += float(m[k])
+            if not math.isfinite(totals["loss"]):
+                raise FloatingPointError(f"non-finite training loss in {desc} before step {i + 1}")
+            bar.set_postfix(loss=f"{totals['loss'] / totals['count']:.3f}",
+                            acc=f"{100 * totals['correct'] / totals['count']:.1f}%",
+                            img_s=f"{totals['count'] / (time.perf_counter() - t0):.0f}")  # fmt: skip
+            bar.update(len(window))
+            window = []
+    bar.close()
+    return state, totals, time.perf_counter() - t0
+
+
+def _epoch_log(record: dict, epochs: int) -> str:
+    return (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy_pct']:.2f}%"
+            + (f", val loss {record['val_loss']:.4f} acc {record['val_accuracy_pct']:.2f}%" if "val_loss" in record
+               else "")
+            + (f", val PGD acc {record['val_robust_accuracy_pct']:.2f}%" if "val_robust_accuracy_pct" in record
+               else "")
+            + f", {record['seconds']:.1f}s, {record['img_per_s']:.0f} img/s")  # fmt: skip
+
+
+def _validate(run: _Run, cfg: TrainConfig, record: dict, val, deployed, monitor, log) -> str | None:
+    """Score the epoch on validation data, update the best params; the reason to stop, or None."""
+    if val is None:
+        run.best = _copy_best(run.state)
+        return None
+    v = evaluation.evaluate(deployed, run.state.variables, *val)
+    record.update(val_loss=v["loss"], val_accuracy_pct=v["accuracy_pct"])
+    score = v["loss"]
+    if monitor is not None:
+        record["val_robust_accuracy_pct"] = monitor(run.state.variables)
+        score = -record["val_robust_accuracy_pct"]
+    run.stopping, improved, reason = update_stopping(run.stopping, score, patience=cfg.patience,
+                                                     co_guard=cfg.defense.co_guard, robust=monitor is not None)
+    if improved:
+        run.best = _copy_best(run.state)
+    return reason
 
 
 def fit(
@@ -260,10 +336,7 @@ def fit(
     *,
     key: PRNGKey,
     num_classes: int = 10,
-    batch_transform: BatchTransform = identity_transform,
-    augment_fn: Callable | None = None,
-    eval_squeezer: Callable | None = None,
-    robust_eval: Callable[[Any], float] | None = None,
+    defense: defenses.Resolved | None = None,
     ckpt_dir: str | None = None,
     resume: bool = False,
     extra_meta: dict | None = None,
@@ -284,190 +357,152 @@ def fit(
       val_images, val_labels: validation split for early stopping (None: no validation;
         the last params are kept).
       key: root PRNG key of the run.
-      batch_transform: `(variables, x, y, key) -> (x', y')`, e.g. a defense.
-      augment_fn: `(key, x_u8) -> x_u8` batch augmentation (None: none).
-      eval_squeezer: test-time input transform of the defended classifier (e.g. the
-        median filter for a model trained on filtered images); validation, and so early
-        stopping and best-params selection, sees the inputs as the defense will.
-      robust_eval: `variables -> robust validation accuracy (%)`, run after every epoch
-        (e.g. PGD on a validation batch). When given, the best params are those with the
-        highest robust accuracy (Rice et al. 2020), and with `cfg.co_guard > 0` training
-        stops once robust accuracy falls `co_guard` points below its best: the signature
-        of catastrophic overfitting in fast adversarial training (Wong et al. 2020).
+      defense: the config's defense, resolved (default: `defenses.resolve(cfg.defense, ...)`):
+        its batch transform runs in every step, validation sees inputs as the defense
+        deploys them, and its monitor (robust validation accuracy) replaces the validation
+        loss as the score when present (Rice et al. 2020).
       ckpt_dir: where to write checkpoints (None: don't).
       resume: continue from the latest checkpoint in `ckpt_dir`.
       extra_meta: JSON-serializable extras stored with each checkpoint (e.g. data source).
       progress: show a tqdm progress bar per epoch.
       log: called with a one-line summary per epoch.
     """
-    from tqdm.auto import tqdm  # side effects stay in the loop
-
     n = len(train_labels)
-    steps_per_epoch = n // cfg.batch_size
-    if steps_per_epoch == 0:
+    steps = n // cfg.batch_size
+    if steps == 0:
         raise ValueError(f"training set ({n}) is smaller than one batch ({cfg.batch_size})")
     init_key, data_key, train_key = jax.random.split(key, 3)
     model = create_model(cfg, num_classes)
-    lr_fn = create_learning_rate_fn(cfg, steps_per_epoch)
-    tx = create_optimizer(cfg, lr_fn)
-    state = create_train_state(model, tx, init_key, train_images.shape[1:])
-    # `score`: lower is better; validation loss, or minus robust accuracy with robust_eval.
-    best = {**_copy_best(state), "score": math.inf, "bad_epochs": 0}
-    history: list[dict] = []
-    start_epoch = 0
-
+    lr_fn = create_learning_rate_fn(cfg.optim, cfg.epochs * steps)
+    state = create_train_state(model, create_optimizer(cfg.optim, lr_fn), init_key, train_images.shape[1:])
+    if defense is None:
+        defense = defenses.resolve(cfg.defense, make_apply(model), val_images, val_labels)
+    run = _Run(state=state, best=_copy_best(state), stopping=Stopping(), history=[])
+    expected = {"n_train": n, **(extra_meta or {})}
     if resume and ckpt_dir and checkpoint.latest_step(ckpt_dir) is not None:
-        template = _checkpoint_tree(state, state.params, state.batch_stats, train_key)
-        _, tree, meta = checkpoint.restore(ckpt_dir, template)
-        if TrainConfig.from_dict(meta.get("config", {})) != cfg:
-            raise checkpoint.CheckpointError(
-                f"checkpoint in {ckpt_dir} was written with a different config; use a new --out or the same config"
-            )
-        # Same data and seed too, or the continuation is not the run that was interrupted.
-        for k, v in {"n_train": n, **(extra_meta or {})}.items():
-            if k in meta and meta[k] != checkpoint.json_safe(v):
-                raise checkpoint.CheckpointError(
-                    f"checkpoint in {ckpt_dir} was written with {k}={meta[k]!r}, not {v!r}; use a new --out"
-                )
-        state = state.replace(
-            step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"], opt_state=tree["opt_state"]
-        )
-        best = {
-            "params": tree["best_params"], "batch_stats": tree["best_batch_stats"],
-            "score": float(meta.get("best_score", meta.get("best_val_loss"))), "bad_epochs": meta["bad_epochs"],
-        }  # fmt: skip
-        history = meta["history"]
-        start_epoch = meta["epoch"] + 1
-        if meta.get("stopped_early"):
-            start_epoch = cfg.epochs
-        log(f"resumed from {ckpt_dir} after epoch {meta['epoch'] + 1}")
+        run = _restore(run, cfg, ckpt_dir, train_key, expected, log)
 
     mesh = parallel.batch_mesh()
     parallel.check_divisible(cfg.batch_size, mesh)
     repl = parallel.replicated(mesh)
-    step_fn = jax.jit(
-        functools.partial(
-            train_step, batch_size=cfg.batch_size, label_smoothing=cfg.label_smoothing,
-            augment_fn=augment_fn, batch_transform=batch_transform,
-            batch_sharding=parallel.batch_sharded(mesh) if mesh.devices.size > 1 else None,
-        ),
-        donate_argnums=(0,),
-    )  # fmt: skip
-    apply_fn = make_apply(model)
-    if eval_squeezer is not None:
-        from jaxadv.squeeze import squeezed
+    step_fn = jax.jit(functools.partial(
+        train_step, batch_size=cfg.batch_size, label_smoothing=cfg.optim.label_smoothing,
+        augment_fn=make_augment(cfg), batch_transform=defense.batch_transform,
+        batch_sharding=parallel.batch_sharded(mesh) if mesh.devices.size > 1 else None,
+    ), donate_argnums=(0,))  # fmt: skip
+    deployed = defense.deployed(make_apply(model))
+    val = (val_images, val_labels) if val_labels is not None and len(val_labels) else None
+    run.state = jax.device_put(run.state, repl)
+    data = jax.device_put((train_images, train_labels), repl)
 
-        apply_fn = squeezed(apply_fn, eval_squeezer)
-    state = jax.device_put(state, repl)
-    images = jax.device_put(train_images, repl)
-    labels = jax.device_put(train_labels, repl)
-    stopped_early = bool(history and history[-1].get("stopped_early"))
-
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
+    for epoch in range(run.start_epoch, cfg.epochs):
         perm = jax.device_put(jax.random.permutation(jax.random.fold_in(data_key, epoch), n).astype(jnp.int32), repl)
-        window: list[dict] = []
-        totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        for i in range(steps_per_epoch):
-            state, metrics = step_fn(state, images, labels, perm, jnp.int32(i), train_key)
-            window.append(metrics)
-            if len(window) == cfg.log_every or i == steps_per_epoch - 1:
-                fetched = jax.device_get(window)  # the only host sync in the step loop
-                for m in fetched:
-                    for k in totals:
-                        totals[k] += float(m[k])
-                if not math.isfinite(totals["loss"]):
-                    raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1} before step {i + 1}")
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(
-                    loss=f"{totals['loss'] / totals['count']:.3f}",
-                    acc=f"{100 * totals['correct'] / totals['count']:.1f}%",
-                    img_s=f"{totals['count'] / elapsed:.0f}",
-                )
-                bar.update(len(window))
-                window = []
-        bar.close()
-        train_seconds = time.perf_counter() - t0
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": totals["loss"] / totals["count"],
-            "train_accuracy_pct": 100 * totals["correct"] / totals["count"],
-            "lr": float(lr_fn(int(state.step) - 1)),
-            "seconds": train_seconds,
-            "img_per_s": totals["count"] / train_seconds,
-        }
-        if val_labels is not None and len(val_labels):
-            val = evaluate(apply_fn, state.variables, val_images, val_labels)
-            record.update(val_loss=val["loss"], val_accuracy_pct=val["accuracy_pct"])
-            score = val["loss"]
-            if robust_eval is not None:
-                record["val_robust_accuracy_pct"] = robust_eval(state.variables)
-                score = -record["val_robust_accuracy_pct"]
-            collapsed = bool(robust_eval is not None and cfg.co_guard and score > best["score"] + cfg.co_guard)
-            if score < best["score"]:
-                best = {**_copy_best(state), "score": score, "bad_epochs": 0}
-            else:
-                best["bad_epochs"] += 1
-        else:
-            best = {**_copy_best(state), "score": math.inf, "bad_epochs": 0}
-            collapsed = False
-        if collapsed:
-            log(f"robust validation accuracy fell by more than {cfg.co_guard} points: catastrophic overfitting")
-        stopped_early = bool(cfg.patience and best["bad_epochs"] >= cfg.patience) or collapsed
-        record["stopped_early"] = stopped_early
-        history.append(record)
-        log(
-            f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc {record['train_accuracy_pct']:.2f}%"
-            + (f", val loss {record['val_loss']:.4f} acc {record['val_accuracy_pct']:.2f}%" if "val_loss" in record else "")
-            + (f", val PGD acc {record['val_robust_accuracy_pct']:.2f}%" if "val_robust_accuracy_pct" in record else "")
-            + f", {train_seconds:.1f}s, {record['img_per_s']:.0f} img/s"
-        )
+        run.state, totals, seconds = _run_epoch(step_fn, run.state, data, perm, train_key, steps=steps,
+                                                log_every=cfg.log_every, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                                progress=progress)  # fmt: skip
+        record = {"epoch": epoch + 1, "train_loss": totals["loss"] / totals["count"],
+                  "train_accuracy_pct": 100 * totals["correct"] / totals["count"],
+                  "lr": _lr(lr_fn, int(run.state.step) - 1), "seconds": seconds,
+                  "img_per_s": totals["count"] / seconds}  # fmt: skip
+        reason = _validate(run, cfg, record, val, deployed, defense.monitor, log)
+        run.stopped_early = reason is not None
+        record["stopped_early"] = run.stopped_early
+        run.history.append(record)
+        log(_epoch_log(record, cfg.epochs))
         if ckpt_dir:
-            meta = {
-                "config": cfg.to_dict(), "epoch": epoch, "history": history, "num_classes": num_classes,
-                "image_shape": list(train_images.shape[1:]), "n_train": n,
-                "best_score": best["score"], "bad_epochs": best["bad_epochs"], "stopped_early": stopped_early, **(extra_meta or {}),
-            }  # fmt: skip
-            tree = _checkpoint_tree(state, best["params"], best["batch_stats"], train_key)
-            checkpoint.save(ckpt_dir, epoch, tree, checkpoint.json_safe(meta))
-        if stopped_early:
-            if not collapsed:
-                log(f"early stop: the validation score has not improved for {cfg.patience} epochs")
+            meta = {"config": cfg.to_dict(), "epoch": epoch, "history": run.history, "num_classes": num_classes,
+                    "image_shape": list(train_images.shape[1:]), "best_score": run.stopping.best_score,
+                    "bad_epochs": run.stopping.bad_epochs, "stopped_early": run.stopped_early, **expected}
+            checkpoint.save(ckpt_dir, epoch, _checkpoint_tree(run.state, run.best, train_key), io.json_safe(meta))
+        if reason:
+            log(reason)
             break
 
-    state = state.replace(params=best["params"], batch_stats=best["batch_stats"])
-    return FitResult(state=state, history=history, stopped_early=stopped_early)
+    state = run.state.replace(params=run.best["params"], batch_stats=run.best["batch_stats"])
+    return FitResult(state=state, history=run.history, stopped_early=run.stopped_early)
 
 
-def _copy_best(state: TrainState) -> dict:
-    # The step donates `state`'s buffers, so the best params must be a copy, not an alias.
-    return {"params": jax.tree.map(jnp.copy, state.params), "batch_stats": jax.tree.map(jnp.copy, state.batch_stats)}
+# ---------------------------------------------------------------------------------------
+# Entry points: train a run directory, load one back
+# ---------------------------------------------------------------------------------------
+
+
+class TrainResult(NamedTuple):
+    apply_fn: Callable  # the model's eval-mode apply (undefended)
+    variables: dict  # best-validation variables
+    history: list
+    summary: dict  # test accuracy of the deployed model, epochs, seconds, config
+
+
+def train_and_evaluate(cfg: TrainConfig, splits, workdir: str | Path, *, seed: int = 0, resume: bool = False,
+                       progress: bool = True, log: Callable[[str], None] = lambda s: None,
+                       environment: dict | None = None) -> TrainResult:  # fmt: skip
+    """Train `cfg` on `splits` into `workdir` and evaluate the deployed model on the test split.
+
+    Writes WORKDIR/checkpoints/ (every epoch), history.json, curves.png and summary.json.
+    With `resume`, an interrupted run continues; a finished one is loaded, not retrained.
+
+    Args:
+      cfg: the training config (its defense is resolved here, once).
+      splits: `jaxadv.data.Splits`.
+      workdir: the run directory.
+      seed: root seed of init, data order, augmentation and training-time attacks.
+      resume: continue from WORKDIR/checkpoints if it holds a run of this config.
+      progress, log: progress bars and one-line messages.
+      environment: provenance block stored in summary.json (default: `io.environment()`).
+
+    Returns:
+      `TrainResult(apply_fn, variables, history, summary)`.
+    """
+    from jaxadv import plots
+
+    workdir = Path(workdir)
+    num_classes = len(splits.class_names)
+    apply_fn = make_apply(create_model(cfg, num_classes))
+    defense = defenses.resolve(cfg.defense, apply_fn, splits.val.images, splits.val.labels)
+    t0 = time.perf_counter()
+    result = fit(cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
+                 key=jax.random.key(seed), num_classes=num_classes, defense=defense,
+                 ckpt_dir=str(workdir / "checkpoints"), resume=resume,
+                 extra_meta={"data": splits.source, "seed": seed, "class_names": list(splits.class_names)},
+                 progress=progress, log=log)  # fmt: skip
+    wall = time.perf_counter() - t0
+    io.write_json(workdir / "history.json", result.history)
+    plots.training_curves({cfg.name: result.history}, workdir / "curves.png")
+    summary = evaluation.evaluate(defense.deployed(apply_fn), result.state.variables, splits.test.images,
+                                  splits.test.labels)  # fmt: skip
+    history = result.history
+    summary.update(epochs=len(history), seconds=sum(h["seconds"] for h in history), wall_seconds_this_invocation=wall,
+                   train_img_per_s=float(np.median([h["img_per_s"] for h in history])) if history else None,
+                   stopped_early=result.stopped_early, config=cfg.to_dict(), data=splits.source, split="test",
+                   seed=seed, environment=environment or io.environment())  # fmt: skip
+    io.write_json(workdir / "summary.json", summary)
+    return TrainResult(apply_fn, result.state.variables, history, summary)
 
 
 def load_trained(ckpt_dir: str, *, which: str = "best"):
     """Rebuild a trained model from its checkpoint directory alone (the config is stored in it).
 
     Args:
-      ckpt_dir: a `checkpoints/` directory written by `fit`.
+      ckpt_dir: a `checkpoints/` directory written by `fit` (jaxadv 0.1 ones too).
       which: "best" (best-validation params, what `fit` returns) or "last".
 
     Returns:
-      (apply_fn, variables, cfg, meta): `apply_fn(variables, x) -> logits`.
+      (apply_fn, variables, cfg, meta): `apply_fn(variables, x) -> logits` of the model
+      without its deploy transform (see `defenses.deployed_apply(cfg.defense, apply_fn)`).
     """
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', not {which!r}")
     _, meta = checkpoint.read_meta(ckpt_dir)
     if "config" not in meta:
         raise checkpoint.CheckpointError(f"{ckpt_dir} is not a jaxadv training checkpoint (no config stored)")
     cfg = TrainConfig.from_dict(meta["config"])
     model = create_model(cfg, meta.get("num_classes", 10))
-    tx = create_optimizer(cfg, create_learning_rate_fn(cfg, 1))
-    shapes = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.key(0), tuple(meta.get("image_shape", (32, 32, 3)))))
-    template = _checkpoint_tree(shapes, shapes.params, shapes.batch_stats, jax.random.key(0))
+    tx = create_optimizer(cfg.optim, create_learning_rate_fn(cfg.optim, 1))
+    image_shape = tuple(meta.get("image_shape", (32, 32, 3)))
+    shapes = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.key(0), image_shape))
+    template = _checkpoint_tree(shapes, {"params": shapes.params, "batch_stats": shapes.batch_stats},
+                                jax.random.key(0))  # fmt: skip
     _, tree, meta = checkpoint.restore(ckpt_dir, template)
-    if which == "best":
-        variables = variables_of(tree["best_params"], tree["best_batch_stats"])
-    elif which == "last":
-        variables = variables_of(tree["params"], tree["batch_stats"])
-    else:
-        raise ValueError(f"which must be 'best' or 'last', not {which!r}")
-    return make_apply(model), variables, cfg, meta
+    prefix = "best_" if which == "best" else ""
+    return make_apply(model), variables_of(tree[f"{prefix}params"], tree[f"{prefix}batch_stats"]), cfg, meta
