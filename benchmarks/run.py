@@ -44,17 +44,29 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxadv import bench, checkpoint, defenses, models, squeeze, train
-from jaxadv.attacks import deepfool, fgsm_jit, pgd
-from jaxadv.configs import get_config
+from jaxadv import attacks, bench, defenses, evaluation, io, models, squeeze, train
+from jaxadv.configs import DefenseConfig, get_config
 
-JAX_OPS = (
-    "forward", "input_grad", "train_step", "train_step_fgsm_at", "fgsm", "pgd", "deepfool",
-    "median3x3_f32", "median3x3_u8", "median2x2_f32", "median2x2_u8", "evaluate",
-)  # fmt: skip
+MODEL_OPS = ("forward", "input_grad", "train_step", "train_step_fgsm_at")
+OTHER_OPS = ("median3x3_f32", "median3x3_u8", "median2x2_f32", "median2x2_u8", "evaluate")
 EPS = 0.1
 DEEPFOOL = {"num_candidates": 10, "overshoot": 0.02, "max_iter": 50}
 PGD = {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10}
+# The harness's settings per attack; an attack registered without an entry here is timed
+# with its documented defaults and eps = EPS (budgeted attacks).
+ATTACK_SETTINGS = {"fgsm": {"eps": EPS}, "pgd": PGD, "deepfool": DEEPFOOL}
+
+
+def jax_ops() -> tuple[str, ...]:
+    """Every op the harness times: the model ops, one per registered attack, the medians."""
+    return MODEL_OPS + tuple(attacks.REGISTRY) + OTHER_OPS
+
+
+def attack_settings(name: str) -> dict:
+    fn = attacks.REGISTRY[name]
+    if name in ATTACK_SETTINGS:
+        return dict(ATTACK_SETTINGS[name])
+    return {} if fn.meta.minimum_norm else {"eps": EPS}
 
 
 # --- timing -----------------------------------------------------------------------------
@@ -109,12 +121,9 @@ class Setting:
         if data:
             from jaxadv import data as data_mod
 
-            splits = data_mod.load(data, test_subset=n, seed=seed, progress=False)
-            # The subset is stored class by class: interleave the classes so that every
-            # batch (a prefix of the pool) is balanced too.
-            order = data_mod.balanced_indices(splits.test.labels, len(splits.test), np.random.default_rng(seed),
-                                              sort=False)  # fmt: skip
-            self.images_u8, self.labels = splits.test.images[order], splits.test.labels[order].astype(np.int32)
+            # Every prefix of the (shuffled) test split is class-balanced, so every batch is too.
+            splits = data_mod.load(data, val_size=0, test_subset=n, seed=seed, progress=False)
+            self.images_u8, self.labels = splits.test.images, splits.test.labels.astype(np.int32)
             self.inputs = f"{n} test images of {data} (seeded class-balanced subset, classes interleaved)"
         else:
             rng = np.random.default_rng(seed)
@@ -136,9 +145,9 @@ def _train_step_fn(s: Setting, b: int, transform: str, sharding=None):
     x, y = s.batch(b)
     images = jnp.asarray((x * 255).round().astype(np.uint8))
     labels = jnp.asarray(y)
-    bt = train.identity_transform
+    bt = defenses.identity_transform
     if transform == "fgsm_at":
-        bt = defenses.batch_transform(s.cfg.replace(defense="fgsm_at", defense_eps=EPS), s.apply)
+        bt = defenses.get("fgsm_at").transform(DefenseConfig(name="fgsm_at", eps=EPS), s.apply)
     step = jax.jit(functools.partial(train.train_step, batch_size=b, batch_transform=bt, batch_sharding=sharding),
                    donate_argnums=(0,))  # fmt: skip
     perm = jnp.arange(b, dtype=jnp.int32)
@@ -181,14 +190,12 @@ def jax_op(s: Setting, op: str, b: int, sharding=None) -> tuple[Callable[[], Any
             return box[0].params
 
         return run, compile_s, {}
-    if op == "fgsm":
-        f = functools.partial(fgsm_jit, s.apply, eps=EPS)
-        return (lambda: f(v, x, y)), _compile_s(fgsm_jit, s.apply, v, x, y, eps=EPS), {"eps": EPS}
-    if op == "pgd":
-        f = functools.partial(pgd, s.apply, key=jax.random.key(0), **PGD)
-        return (lambda: f(v, x, y)), None, dict(PGD)
-    if op == "deepfool":
-        return (lambda: deepfool(s.apply, v, x, **DEEPFOOL)), None, dict(DEEPFOOL)
+    if op in attacks.REGISTRY:
+        fn, hp = attacks.REGISTRY[op], attack_settings(op)
+        if fn.meta.minimum_norm:
+            hp["return_info"] = True
+        f = functools.partial(fn, s.apply, key=jax.random.key(0), **hp)
+        return (lambda: f(v, x, y)), None, {k: v for k, v in hp.items() if k != "return_info"}
     if op.startswith("median"):
         k = int(op[len("median")])
         xin = jnp.asarray((np.asarray(x) * 255).round().astype(np.uint8)) if op.endswith("u8") else x
@@ -203,7 +210,7 @@ def _evaluate_record(s: Setting, n: int, warmup: int, repeats: int) -> dict:
     images, labels = s.images_u8[idx], s.labels[idx]
 
     def run():
-        return train.evaluate(s.apply, s.variables, images, labels, batch_size=1000)["accuracy_pct"]
+        return evaluation.evaluate(s.apply, s.variables, images, labels, batch_size=1000)["accuracy_pct"]
 
     timing = _time(run, warmup=warmup, repeats=repeats)
     return _record("evaluate", "jaxadv", n, timing, accuracy_pct=run())
@@ -248,11 +255,12 @@ def run_jax(s: Setting, ops, batches, *, warmup, repeats, log, deepfool_batches,
             rec = _record(op, "jaxadv", b, timing, compile_s=compile_s, dtype=s.dtype, **extra)
             out = fn()
             x, y = s.batch(b)
-            if op == "fgsm" or op == "pgd":
+            if op in attacks.REGISTRY and attacks.REGISTRY[op].meta.minimum_norm:
+                x_adv, info = out
+                rec.update(_deepfool_stats(s, x, x_adv, info.iterations))
+            elif op in attacks.REGISTRY:
                 rec["adv_accuracy_pct"] = _adv_accuracy(s, out, y)
                 rec["clean_accuracy_pct"] = _adv_accuracy(s, x, y)
-            if op == "deepfool":
-                rec.update(_deepfool_stats(s, x, out.x_adv, out.iterations))
             recs.append(rec)
             log(f"{op:20s} jaxadv  b{b:<5d} {rec['img_per_s']:9.1f} img/s  "
                 f"({rec['img_per_s_min']:.1f}-{rec['img_per_s_max']:.1f})"
@@ -296,6 +304,8 @@ def run_peers(s: Setting, ops, batch, deepfool_batch, *, warmup, repeats, log, s
                 fns.pop("art", None)  # ART always runs max_iter steps on the whole batch: minutes per call
             ref_fn, _, _ = jax_op(s, op, b)
             ref_out = np.asarray(ref_fn()) if op == "fgsm" or op.startswith("median") else None
+            if op == "deepfool":  # time what the peers return: the images alone
+                ref_fn = functools.partial(lambda f: f()[0], ref_fn)
             # Ours and every peer timed in turn, sample by sample: the ratio is from one stretch of time.
             timings = bench.time_interleaved({"jaxadv": ref_fn, **fns}, warmup=warmup, repeats=repeats)
             ours_paired = _record(op, "jaxadv", b, _timing(timings.pop("jaxadv")))
@@ -441,31 +451,9 @@ def plot(report: dict, path: Path) -> None:
         ax.set(xlabel="simulated CPU devices (same 2 cores)", ylabel="images/s", title="Sharded over N devices")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parent)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def _ints(text: str) -> list[int]:
@@ -482,7 +470,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--quick", action="store_true", help="batch 128 (DeepFool 32) only, under 3 minutes")
-    p.add_argument("--only", default=None, help=f"comma-separated ops of {','.join(JAX_OPS)}")
+    p.add_argument("--only", default=None, help=f"comma-separated ops of {','.join(jax_ops())}")
     p.add_argument("--out", default="benchmarks/results/latest.json", help="JSON report; .md and .png beside it")
     p.add_argument("--checkpoint", default=None, help="a `jaxadv train` run directory for trained weights")
     p.add_argument("--data", default=None, help="CIFAR-10 source for real test images (see `jaxadv train --help`)")
@@ -506,12 +494,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 5:
         p.error(f"--repeats {args.repeats}: at least 5 timed calls are needed for a median with a spread")
-    ops = list(JAX_OPS)
+    ops = list(jax_ops())
     if args.only:
         ops = [o.strip() for o in args.only.split(",") if o.strip()]
-        bad = [o for o in ops if o not in JAX_OPS]
+        bad = [o for o in ops if o not in jax_ops()]
         if bad:
-            p.error(f"--only: unknown op(s) {', '.join(bad)}; choose from {', '.join(JAX_OPS)}")
+            p.error(f"--only: unknown op(s) {', '.join(bad)}; choose from {', '.join(jax_ops())}")
     if args.quick:
         batches, train_batches, df_batches, n_eval = [128], [64], [32], 2000
         peer_batch, df_peer_batch = 128, 32
@@ -529,7 +517,7 @@ def main(argv=None) -> int:
         print(msg, flush=True)
 
     t_start = time.perf_counter()
-    commit = _git_commit()  # at the start: the code that runs, not edits made meanwhile
+    commit = io.git_commit(Path(__file__).parent)  # at the start: the code that runs, not edits made meanwhile
     pool = max(batches + train_batches + df_batches + [peer_batch])
     try:
         setting = Setting(args.checkpoint, args.data, max(pool, n_eval if "evaluate" in ops else 0), "float32")
@@ -568,10 +556,7 @@ def main(argv=None) -> int:
     if args.devices:
         recs += run_devices(args, args.devices, log)
 
-    from jaxadv.cli import environment
-
-    env = environment()
-    env["cpu"] = _cpu_model() or env.get("cpu")
+    env = io.environment()
     report = {
         "mode": "quick" if args.quick else "full",
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -584,12 +569,10 @@ def main(argv=None) -> int:
         "wall_s": time.perf_counter() - t_start,
         "results": recs,
     }
-    checkpoint.write_json_atomic(out, report)
+    io.write_json(out, report)
     if not args.no_report:
         md = out.with_suffix(".md")
-        tmp = md.with_name(f".{md.name}.tmp")
-        tmp.write_text(markdown(report))
-        tmp.replace(md)
+        io.write_text(md, markdown(report))
         plot(report, out.with_suffix(".png"))
         log(f"wrote {out}, {md.name}, {out.with_suffix('.png').name} in {report['wall_s']:.0f}s")
     return 0

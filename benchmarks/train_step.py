@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv import bench, data, train
-from jaxadv.cli import environment
+from jaxadv import bench, io, train
 from jaxadv.configs import get_config
 
 
@@ -29,11 +28,10 @@ def bench_train_step(cfg, batch: int, steps: int, repeats: int) -> dict:
     images = jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
     labels = jnp.asarray(rng.integers(0, 10, n).astype(np.int32))
     model = train.create_model(cfg)
-    tx = train.create_optimizer(cfg, train.create_learning_rate_fn(cfg, steps))
+    tx = train.create_optimizer(cfg.optim, train.create_learning_rate_fn(cfg.optim, steps))
     state = train.create_train_state(model, tx, jax.random.key(0))
-    aug = functools.partial(data.augment, pad=4, pad_mode=cfg.pad_mode) if cfg.augment else None
-    step = jax.jit(functools.partial(train.train_step, batch_size=batch, label_smoothing=cfg.label_smoothing,
-                                     augment_fn=aug), donate_argnums=(0,))  # fmt: skip
+    step = jax.jit(functools.partial(train.train_step, batch_size=batch, label_smoothing=cfg.optim.label_smoothing,
+                                     augment_fn=train.make_augment(cfg)), donate_argnums=(0,))  # fmt: skip
     perm = jnp.arange(n, dtype=jnp.int32)
     key = jax.random.key(1)
     compile_s = bench.compile_seconds(step, state, images, labels, perm, jnp.int32(0), key)
@@ -67,11 +65,9 @@ def main(argv=None) -> int:
             print(f"train_step {name:5s} batch {batch:4d}: {r['img_per_s']:7.0f} img/s "
                   f"(range {r['img_per_s_min']:.0f}-{r['img_per_s_max']:.0f}), compile {r['compile_s']:.1f}s",
                   flush=True)  # fmt: skip
-    out = {"environment": environment(), "results": records}
+    out = {"environment": io.environment(), "results": records}
     if args.out:
-        from jaxadv.checkpoint import write_json_atomic
-
-        write_json_atomic(args.out, out)
+        io.write_json(args.out, out)
     return 0
 
 

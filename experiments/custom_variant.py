@@ -15,7 +15,6 @@ latter attacked both through the squeezer's true gradient and with BPDA.
 from __future__ import annotations
 
 import argparse
-import functools
 
 import flax.linen as nn
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxadv import data, squeeze
-from jaxadv.attacks import deepfool, fgsm_jit
+from jaxadv.attacks import Spec
 from jaxadv.evaluation import attack_eval
 
 
@@ -117,31 +116,17 @@ def main():
     # 2018): rounding has zero gradient, so plain white-box attacks on the squeezed model
     # stall, and its robustness there is an artefact (obfuscated gradients).
     bpda_apply = squeeze.squeezed(apply_fn, squeeze.bpda(five_bit_then_median))
-    attacks = {
-        "none": None,
-        "fgsm": lambda f: functools.partial(_fgsm, f),
-        "deepfool": lambda f: functools.partial(_deepfool, f),
-    }
+    # Attacks as data: registry name + hyperparameters. DeepFool is a minimum-norm attack
+    # (no eps); its reference class is the model's prediction.
+    attacks = {"none": None, "fgsm": Spec("fgsm", eps=args.eps), "deepfool": Spec("deepfool", max_iter=20)}
     print(f"data: {splits.source}; eps = {args.eps:.4f}")
     print(f"{'classifier':28s} {'clean':>7s} {'FGSM':>7s} {'DeepFool':>9s}")
     for name, f in (("tiny resnet", apply_fn), ("+ 5-bit + median", squeezed_apply), ("+ 5-bit + median, BPDA", bpda_apply)):
         row = []
-        for attack_name, make in attacks.items():
-            attack = None if make is None else make(f)
-            if attack is not None:
-                attack = functools.partial(attack, params, eps=args.eps)
+        for attack in attacks.values():
             res, _ = attack_eval(f, params, splits.test.images, splits.test.labels, attack=attack, batch_size=100)
             row.append(res["accuracy_pct"])
         print(f"{name:28s} {row[0]:6.1f}% {row[1]:6.1f}% {row[2]:8.1f}%")
-
-
-def _fgsm(f, params, x, y, *, eps):
-    return fgsm_jit(f, params, x, y, eps=eps)
-
-
-def _deepfool(f, params, x, y, *, eps):
-    del y, eps  # DeepFool is a minimal-perturbation attack: no labels, no budget
-    return deepfool(f, params, x, max_iter=20)
 
 
 if __name__ == "__main__":

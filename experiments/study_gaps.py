@@ -32,8 +32,8 @@ from pathlib import Path
 
 import jax
 
-from jaxadv import checkpoint, data, squeeze, train
-from jaxadv.attacks import fgsm_jit
+from jaxadv import data, io, squeeze, train
+from jaxadv.attacks import fgsm
 from jaxadv.evaluation import attack_eval
 
 EPS_SCALES = {"0.1 (pixels in [0, 1])": 0.1, "0.1 x 0.5 (Normalize(0.5, 0.5))": 0.05,
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         "median": _load(Path(args.study) / "models" / "median_squeezing"),
     }
     apply_m, var_m, cfg_m = models["median"]
-    median_deployed = squeeze.squeezed(apply_m, squeeze.median_squeezer(cfg_m.median_size))
+    median_deployed = squeeze.squeezed(apply_m, squeeze.median_squeezer(cfg_m.defense.median_size))
     rows = []
 
     def add(experiment, model, attack, summary, **extra):
@@ -85,18 +85,20 @@ def main(argv=None) -> int:
                      "accuracy_pct": summary["accuracy_pct"], "n": summary["n"], **extra})  # fmt: skip
         print(f"{experiment:14s} {model:22s} {attack:48s} {summary['accuracy_pct']:5.1f}%", flush=True)
 
-    def fgsm_attack(apply_fn, variables, eps, predicted=False):
-        def attack(xb, yb):
+    def fgsm_attack(eps, predicted=False):
+        """FGSM under the attack contract, with the true labels or the model's own predictions."""
+
+        def attack(apply_fn, params, xb, yb, *, key=None):
             if predicted:
-                yb = jax.numpy.argmax(apply_fn(variables, xb), axis=-1)
-            return fgsm_jit(apply_fn, variables, xb, yb, eps=eps)
+                yb = jax.numpy.argmax(apply_fn(params, xb), axis=-1)
+            return fgsm(apply_fn, params, xb, yb, eps=eps)
 
         return attack
 
     # 1. Label leaking.
     apply_a, var_a, _ = models["fgsm_at"]
     for predicted in (False, True) if "leaking" in which else ():
-        s, _ = attack_eval(apply_a, var_a, x, y, attack=fgsm_attack(apply_a, var_a, 0.1, predicted))
+        s, _ = attack_eval(apply_a, var_a, x, y, attack=fgsm_attack(0.1, predicted))
         add("label leaking", "fgsm_at", f"FGSM 0.1, {'predicted' if predicted else 'true'} labels", s)
 
     adv_cache = {}
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
         """(summary, x_adv) of FGSM at eps on a clean source model; made once, used by 2-3 and 5."""
         if (source, eps) not in adv_cache:
             apply_c, var_c, _ = models[source]
-            adv_cache[source, eps] = attack_eval(apply_c, var_c, x, y, attack=fgsm_attack(apply_c, var_c, eps),
+            adv_cache[source, eps] = attack_eval(apply_c, var_c, x, y, attack=fgsm_attack(eps),
                                                  keep_adv=True)  # fmt: skip
         return adv_cache[source, eps]
 
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
             s, _ = attack_eval(median_deployed, var_m, x, y, inputs=x_adv)
             add("eps scale", "median (filtered)", f"transfer from {source}, FGSM eps {label}", s, eps=eps)
     for label, eps in EPS_SCALES.items() if "eps" in which else ():
-        s, _ = attack_eval(apply_a, var_a, x, y, attack=fgsm_attack(apply_a, var_a, eps))
+        s, _ = attack_eval(apply_a, var_a, x, y, attack=fgsm_attack(eps))
         add("eps scale", "fgsm_at", f"FGSM eps {label}", s, eps=eps)
 
     # 4. The adversarial training budget.
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
         s, _ = attack_eval(apply_a, var_a, x, y)
         add("AT budget", f"fgsm_at ({models['fgsm_at'][2].epochs} epochs)", "none", s)
         for predicted in (False, True):
-            s, _ = attack_eval(apply_l, var_l, x, y, attack=fgsm_attack(apply_l, var_l, 0.1, predicted))
+            s, _ = attack_eval(apply_l, var_l, x, y, attack=fgsm_attack(0.1, predicted))
             add("AT budget", f"fgsm_at ({cfg_l.epochs} epochs)",
                 f"FGSM 0.1, {'predicted' if predicted else 'true'} labels", s)  # fmt: skip
 
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     if "median" in which and args.seed_median_run:
         apply_r, var_r, cfg_r = models["median (seed recipe)"] = _load(args.seed_median_run)
         medians = {"median (fast)": (median_deployed, var_m),
-                   "median (seed recipe)": (squeeze.squeezed(apply_r, squeeze.median_squeezer(cfg_r.median_size)),
+                   "median (seed recipe)": (squeeze.squeezed(apply_r, squeeze.median_squeezer(cfg_r.defense.median_size)),
                                             var_r)}  # fmt: skip
         for name, (deployed, variables) in medians.items():
             s, _ = attack_eval(deployed, variables, x, y)
@@ -153,18 +155,15 @@ def main(argv=None) -> int:
                         eps=eps)
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     configs = {name: cfg.to_dict() for name, (_, _, cfg) in models.items()}
     report = {"rows": rows, "n_test": int(len(y)), "data": splits.source, "configs": configs,
               "seconds": time.perf_counter() - t0, "command": "python experiments/study_gaps.py " + " ".join(
                   argv if argv is not None else sys.argv[1:])}  # fmt: skip
-    checkpoint.write_json_atomic(out.with_suffix(".json"), report)
+    io.write_json(out.with_suffix(".json"), report)
     md = ["| experiment | model evaluated | attack | accuracy % |", "|---|---|---|---|"]
     md += [f"| {r['experiment']} | {r['model']} | {r['attack']} | {r['accuracy_pct']:.1f} |" for r in rows]
     md += ["", f"n = {len(y)} test images; data: {splits.source}; {report['seconds'] / 60:.1f} min."]
-    tmp = out.with_name(f".{out.name}.md.tmp")
-    tmp.write_text("\n".join(md) + "\n")
-    tmp.replace(out.with_suffix(".md"))
+    io.write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
     return 0
 
 

@@ -57,11 +57,25 @@ def test_train_then_evaluate_a_tiny_run(tiny_tree, tmp_path):
     assert r == 0
     assert json.loads((out / "history.json").read_text()) == history
 
+    # Any registered attack on the checkpoint: clean and robust accuracy, resumable, per example.
+    res = tmp_path / "attack.json"
+    r = cli.main(["attack", "--checkpoint", str(out), "--attack", "pgd", "--eps", "8/255", "--hp", "steps=3",
+                  "--n", "40", "--out", str(res), *map(str, common)])  # fmt: skip
+    assert r == 0
+    a = json.loads(res.read_text())
+    assert a["n"] == 40 and a["attack"] == {"name": "pgd", "eps": pytest.approx(8 / 255), "steps": 3}
+    assert a["robust_accuracy_pct"] <= a["clean_accuracy_pct"]
+    assert len(a["per_example"]["index"]) == 40 and not (tmp_path / "attack.json.parts").exists()
+    r = cli.main(["attack", "--checkpoint", str(out), "--attack", "deepfool", "--hp", "max_iter=5", "--n", "40",
+                  "--out", str(res), *map(str, common)])  # fmt: skip
+    a = json.loads(res.read_text())
+    assert r == 0 and len(a["per_example"]["norm"]) == 40 and "success_rate_pct" in a["attack_stats"]
+
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "--out", "X", "--config", "nope"], "unknown config 'nope'"),
+        (["train", "--out", "X", "--config", "nope"], "invalid choice: 'nope'"),
         (["train", "--out", "X", "--data", "/does/not/exist"], "/does/not/exist"),
         (["train", "--out", "X", "--epochs", "0"], "positive integer"),
         (["train", "--out", "X", "--eps", "3"], "--eps must be in"),
@@ -70,10 +84,21 @@ def test_train_then_evaluate_a_tiny_run(tiny_tree, tmp_path):
         (["study", "--out", "X", "--clean-run", "/no/such/run"], "checkpoint not found"),
         (["train", "--out", "/proc/nope", "--epochs", "1"], "cannot write to --out"),
         (["train", "--out", "X", "--bogus"], "unrecognized arguments: --bogus"),
+        (["train", "--out", "X", "--defense", "magic"], "invalid choice: 'magic'"),
+        (["attack", "--checkpoint", "C", "--attack", "fgsm", "--out", "X.json"], "--eps is required for fgsm"),
+        (["attack", "--checkpoint", "C", "--attack", "deepfool", "--eps", "0.1", "--out", "X.json"],
+         "minimum-norm attack and takes no budget"),
+        (["attack", "--checkpoint", "C", "--attack", "pgd", "--eps", "8/0", "--out", "X.json"], "fraction like 8/255"),
+        (["attack", "--checkpoint", "C", "--attack", "pgd", "--eps", "2", "--out", "X.json"], "--eps must be in"),
+        (["attack", "--checkpoint", "C", "--attack", "pgd", "--eps", "0.1", "--hp", "stepz=3", "--out", "X.json"],
+         "pgd has no hyperparameter stepz"),
+        (["attack", "--checkpoint", "C", "--attack", "nope", "--out", "X.json"], "invalid choice: 'nope'"),
+        (["attack", "--checkpoint", "/no/such", "--attack", "fgsm", "--eps", "0.1", "--out", "X.json"],
+         "checkpoint not found"),
     ],
 )
 def test_bad_flags_and_inputs_give_one_line_errors(args, message, tmp_path):
-    args = [a.replace("X", str(tmp_path / "o")) for a in args]
+    args = [str(tmp_path) if a == "C" else a.replace("X", str(tmp_path / "o")) for a in args]
     r = run_cli(*args)
     assert r.returncode == 2
     lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("WARNING")]
@@ -100,4 +125,4 @@ def test_adversarial_training_from_the_cli_on_a_four_class_tree(tiny_tree, tmp_p
     r = cli.main(["train", "--data", str(tiny_tree), "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
                   "--val-size", "32", "--defense", "fgsm_at", "--eps", "0.03", "--out", str(out), "--no-progress"])
     assert r == 0
-    assert json.loads((out / "summary.json").read_text())["config"]["defense"] == "fgsm_at"
+    assert json.loads((out / "summary.json").read_text())["config"]["defense"]["name"] == "fgsm_at"

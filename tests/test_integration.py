@@ -3,8 +3,7 @@
 import jax
 import pytest
 
-from jaxadv import data, train
-from jaxadv.cli import augment_fn
+from jaxadv import data, evaluation, train
 from jaxadv.configs import get_config
 from jaxadv.models import make_apply
 
@@ -15,9 +14,9 @@ def test_one_short_training_on_real_images_beats_chance_by_far(real_archive, tmp
     cfg = get_config("fast").replace(epochs=2, val_size=500)
     result = train.fit(
         cfg, splits.train.images, splits.train.labels, splits.val.images, splits.val.labels,
-        key=jax.random.key(0), augment_fn=augment_fn(cfg), ckpt_dir=str(tmp_path / "ckpt"), progress=False,
+        key=jax.random.key(0), ckpt_dir=str(tmp_path / "ckpt"), progress=False,
     )  # fmt: skip
-    test = train.evaluate(make_apply(result.state.model), result.state.variables, splits.test.images, splits.test.labels)
+    test = evaluation.evaluate(make_apply(result.state.model), result.state.variables, splits.test.images, splits.test.labels)
     # 100 steps of batch 128 on 6,400 real images; chance is 10 %.
     assert test["n"] == 1000
     assert test["accuracy_pct"] > 35, test

@@ -12,15 +12,14 @@ SCRIPT = textwrap.dedent(
     """
     import json, jax, numpy as np
     from jaxadv import data, train
-    from jaxadv.configs import TrainConfig
+    from jaxadv.configs import ModelConfig, OptimConfig, TrainConfig
     from jaxadv.models import make_apply
-    cfg = TrainConfig(name="tiny", widths=(4, 8, 8), head=(16,), norm="batch", batch_size=32, epochs=1,
-                      lr=3e-3, weight_decay=0.0, val_size=32, log_every=4, patience=0, augment=True)
+    cfg = TrainConfig(name="tiny", model=ModelConfig(widths=(4, 8, 8), head=(16,), norm="batch"), batch_size=32,
+                      epochs=1, optim=OptimConfig(lr=3e-3, weight_decay=0.0), val_size=32, log_every=4, patience=0,
+                      augment=True)
     s = data.synthetic(256, 64, num_classes=4, val_size=32, seed=7)
-    import functools
-    aug = functools.partial(data.augment, pad=4)
     r = train.fit(cfg, s.train.images, s.train.labels, s.val.images, s.val.labels, key=jax.random.key(0),
-                  num_classes=4, augment_fn=aug, progress=False)
+                  num_classes=4, progress=False)
     ev = train.evaluate(make_apply(r.state.model), r.state.variables, s.test.images, s.test.labels, batch_size=24)
     leaves = [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(r.state.variables)]
     print(json.dumps({"devices": jax.device_count(), "leaves": leaves, "eval": ev,
@@ -35,7 +34,7 @@ ATTACK_SCRIPT = textwrap.dedent(
     """
     import json, jax, jax.numpy as jnp, numpy as np
     from jaxadv import parallel
-    from jaxadv.attacks import fgsm_jit
+    from jaxadv.attacks import fgsm
     from jaxadv.models import make_apply, tiny_cnn, init_params
     model = tiny_cnn(num_classes=10)
     v = init_params(model, jax.random.key(0))
@@ -48,7 +47,7 @@ ATTACK_SCRIPT = textwrap.dedent(
     v = jax.device_put(v, parallel.replicated(mesh))
     logits = jax.jit(apply)(v, xs)
     grad = jax.jit(jax.grad(lambda x: (apply(v, x) * jax.nn.one_hot(ys, 10)).sum()))(xs)
-    adv = fgsm_jit(apply, v, xs, ys, eps=0.03)
+    adv = fgsm(apply, v, xs, ys, eps=0.03)
     print(json.dumps({"devices": jax.device_count(), "shards": len(xs.addressable_shards),
                       "logits": np.asarray(logits).tolist(), "grad": np.asarray(grad).ravel().tolist(),
                       "adv": np.asarray(adv).ravel().tolist()}))

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 from benchmarks import peers  # noqa: E402
 from jaxadv.attacks import deepfool, fgsm  # noqa: E402
-from jaxadv.attacks.fgsm import summed_cross_entropy  # noqa: E402
+from jaxadv.attacks import summed_cross_entropy  # noqa: E402
 from jaxadv.models import CNN, make_apply, tiny_cnn  # noqa: E402
 from jaxadv.squeeze import median_filter  # noqa: E402
 
@@ -187,7 +187,7 @@ def deepfool_case():
     x = random_images((4, 32, 32, 3), seed=1)
     params = {"num_candidates": 10, "overshoot": 0.02, "max_iter": 20}
     ops = peers.peer_ops("deepfool", model=model, variables=variables, x=x, y=random_labels(4), deepfool=params)
-    ours = deepfool(make_apply(model), variables, x, **params)
+    _, ours = deepfool(make_apply(model), variables, x, return_info=True, **params)
     return model, variables, x, ops, ours
 
 

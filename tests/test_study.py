@@ -1,79 +1,108 @@
-"""The seed study end to end on tiny synthetic data: schema, files, resumability."""
+"""The seed study and the extended suite end to end on tiny synthetic data: schema, files, reuse, resume."""
 
 import json
 
+import numpy as np
 import pytest
 
 from jaxadv import data, study
-from jaxadv.configs import TrainConfig
+from jaxadv.configs import DefenseConfig, ModelConfig, TrainConfig
+from jaxadv.study import suites
+
+BASE = TrainConfig(name="tiny", model=ModelConfig(widths=(4, 8, 8), head=(16,)), batch_size=32, epochs=1, val_size=32,
+                   log_every=4, patience=0, augment=False, defense=DefenseConfig(pgd_steps=2))  # fmt: skip
+SETTINGS = suites.Settings(eps=0.1, deepfool=(("max_iter", 5), ("num_candidates", 10), ("overshoot", 0.02)),
+                           pgd_steps=3, curve_eps=(0.0, 0.05, 0.1), curve_n=20)  # fmt: skip
+
+
+def _run(splits, out, **kw):
+    lines = []
+    kw = {"base": BASE, "settings": SETTINGS, "attack_batch": 16, "progress": False, **kw}
+    return study.run(splits, out, log=lines.append, **kw), lines
 
 
 @pytest.fixture(scope="module")
-def study_run(tmp_path_factory):
+def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     splits = data.synthetic(256, 40, num_classes=4, val_size=32, seed=3, image_size=16)
-    base = TrainConfig(name="tiny", widths=(4, 8, 8), head=(16,), batch_size=32, epochs=1, val_size=32,
-                       log_every=4, patience=0, augment=False)  # fmt: skip
-    kw = dict(base=base, eps=0.1, deepfool_kwargs={"max_iter": 5}, attack_batch=16, progress=False)
-    lines = []
-    results = study.run(splits, out, log=lines.append, **kw)
-    return out, splits, kw, results, lines
+    seed, _ = _run(splits, out)
+    ext, _ = _run(splits, out, suite="extended")
+    return out, splits, seed, ext
 
 
-def test_results_have_all_nine_cells_with_the_schema(study_run):
-    out, _, _, results, _ = study_run
-    on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["cells"] == results["cells"]
-    pairs = {(c["defense"], c["attack"]) for c in results["cells"]}
-    assert pairs == {(d, a) for d in study.DEFENSES for a in study.ATTACKS}
-    for c in results["cells"]:
+def _acc(results):
+    return {(c["defense"], c["attack"]): c for c in results["cells"]}
+
+
+def test_seed_results_have_the_nine_cells_and_the_extra_row_with_the_schema(runs):
+    out, _, seed, _ = runs
+    assert seed["schema_version"] == 2 and seed["suite"] == "seed"
+    cells = _acc(seed)
+    assert set(cells) == {(d, a) for d in suites.SEED_ROWS + ("median_squeezing_unfiltered",)
+                          for a in suites.SEED_COLUMNS}  # fmt: skip
+    for c in seed["cells"]:
+        assert {"defense", "attack", "accuracy_pct", "loss", "n", "protocol"} <= set(c)
         assert 0 <= c["accuracy_pct"] <= 100 and c["n"] == 40 and c["loss"] >= 0
-    assert {(c["defense"], c["attack"]) for c in results["extra_cells"]} == {
-        ("median_squeezing_unfiltered", a) for a in study.ATTACKS
-    }
-    st = results["attack_stats"]
-    assert st["fgsm"]["eps"] == 0.1
-    for d in ("none", "adversarial_training"):
-        assert {"success_rate_pct", "norm_mean", "norm_median", "iterations_mean"} <= set(st["deepfool"]["per_model"][d])
-    assert set(results["phase_seconds"]) >= {"train_none", "train_adversarial_training", "train_median_squeezing",
-                                             "eval_none", "eval_adversarial_training", "eval_median_squeezing"}
+    assert cells[("median_squeezing", "fgsm")]["protocol"] == "transfer"
+    assert cells[("median_squeezing_unfiltered", "fgsm")]["deployed"] is False
+    assert {"success_rate_correct_pct", "norm_median", "iterations_mean"} <= set(cells[("none", "deepfool")])
+    assert cells[("none", "fgsm")]["accuracy_pct"] < cells[("none", "none")]["accuracy_pct"]
     for name in ("results.md", "training_curves.png", "gallery.png", "deepfool_norms.png"):
         assert (out / name).stat().st_size > 100, name
-    md = (out / "results.md").read_text()
-    assert "88.5" in md and "| median_squeezing |" in md
+    assert "88.5" in (out / "results.md").read_text()
+    assert set(seed["phase_seconds"]) >= {"train_none", "train_adversarial_training", "train_median_squeezing"}
 
 
-def test_white_box_fgsm_hurts_the_clean_model(study_run):
-    _, _, _, results, _ = study_run
-    acc = {(c["defense"], c["attack"]): c["accuracy_pct"] for c in results["cells"]}
-    assert acc[("none", "fgsm")] < acc[("none", "none")]
+def test_the_extended_suite_extends_the_seed_cells(runs):
+    out, _, seed, ext = runs
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["suite"] == "extended" and on_disk["cells"] == json.loads(json.dumps(ext["cells"]))
+    cells = _acc(ext)
+    for key, c in _acc(seed).items():  # the seed cells, unchanged: their runs were reused
+        assert cells[key]["accuracy_pct"] == c["accuracy_pct"], key
+    cols = ["none", "fgsm", "deepfool", "pgd_8/255", "pgd_0.1"]
+    for row in suites.TRAINED + ("median_squeezing_adaptive", "detector"):
+        assert {(row, a) for a in cols} <= set(cells), row
+    assert {("median_squeezing", a) for a in cols} <= set(cells)
+    assert {("detector_adaptive", "pgd_8/255"), ("detector_adaptive", "pgd_0.1")} <= set(cells)
+    det = ext["detector"]
+    assert {"fgsm", "deepfool", "pgd_8/255", "pgd_0.1", "adaptive_pgd_8/255"} <= set(det["per_attack"])
+    assert set(ext["curves"]["curves"]) == set(suites.TRAINED) | {"median_squeezing_adaptive"}
+    assert all(len(v["pgd"]) == 3 for v in ext["curves"]["curves"].values())
+    assert (out / "robustness_curves.png").stat().st_size > 1000
+    assert "## Extended suite" in (out / "results.md").read_text()
 
 
-def test_rerun_skips_finished_phases(study_run):
-    out, splits, kw, results, _ = study_run
-    lines = []
-    again = study.run(splits, out, log=lines.append, **kw)
-    assert sum("skipped" in line for line in lines) == 6
-    assert again["cells"] == results["cells"]
+def test_a_rerun_recomputes_nothing(runs, monkeypatch):
+    out, splits, _, ext = runs
+    from jaxadv.study import cells as cells_mod
+
+    calls = []
+    monkeypatch.setattr(cells_mod, "attack_eval", lambda *a, **k: calls.append(1))
+    again, lines = _run(splits, out, suite="extended")
+    assert not calls and not any(line.startswith("[train") for line in lines)
+    assert [c["accuracy_pct"] for c in again["cells"]] == [c["accuracy_pct"] for c in ext["cells"]]
 
 
-def test_median_row_is_the_transfer_protocol(study_run):
-    """median_squeezing x fgsm = the squeezed model on median-filtered clean-model FGSM examples."""
-    import numpy as np
-
-    from jaxadv import squeeze, train
-    from jaxadv.evaluation import attack_eval
-
-    out, splits, _, results, _ = study_run
-    apply_fn, variables, _, _ = train.load_trained(str(out / "models" / "median_squeezing" / "checkpoints"))
-    x_adv = np.load(out / "adv" / "fgsm.npy")
-    ref, _ = attack_eval(squeeze.squeezed(apply_fn, squeeze.median_squeezer(3)), variables, splits.test.images,
-                         splits.test.labels, inputs=x_adv)  # fmt: skip
-    cell = next(c for c in results["cells"] if c["defense"] == "median_squeezing" and c["attack"] == "fgsm")
-    assert cell["accuracy_pct"] == ref["accuracy_pct"] and cell["loss"] == pytest.approx(ref["loss"])
+def test_ext_n_limits_the_new_cells_and_reuses_the_models(runs):
+    out, splits, _, _ = runs
+    results, lines = _run(splits, out, suite="extended",
+                          settings=suites.Settings(**{**SETTINGS.__dict__, "ext_n": 16}))  # fmt: skip
+    assert not any(line.startswith("[train") for line in lines)
+    for c in results["cells"]:
+        assert c["n"] == (40 if c["table"] in ("seed", "seed_extra") else 16), c
+    assert "every other cell on a class-balanced subset of 16" in (out / "results.md").read_text()
+    labels = splits.test.labels[:16]
+    assert np.bincount(labels, minlength=4).tolist() == [4, 4, 4, 4]  # a prefix of the split is balanced
 
 
-def test_rerun_with_other_settings_is_refused(study_run):
-    out, splits, kw, _, _ = study_run
-    with pytest.raises(ValueError, match="other settings"):
-        study.run(splits, out, log=lambda s: None, **{**kw, "eps": 0.2})
+def test_a_0_1_study_directory_is_named_and_its_models_reused(runs, tmp_path):
+    import shutil
+
+    out, splits, seed, _ = runs
+    old = tmp_path / "old"
+    shutil.copytree(out / "models", old / "models")
+    (old / "phases").mkdir()
+    results, lines = _run(splits, old)
+    assert any("jaxadv 0.1" in line for line in lines) and not any(line.startswith("[train") for line in lines)
+    assert [c["accuracy_pct"] for c in results["cells"]] == [c["accuracy_pct"] for c in seed["cells"]]

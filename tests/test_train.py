@@ -29,7 +29,8 @@ def test_optimizer_adam_l2_is_pytorch_adam_weight_decay():
     tx = train.create_optimizer(cfg, train.create_learning_rate_fn(cfg, 10))
     p = {"w": jnp.array([1.0, -2.0])}
     g = {"w": jnp.array([0.3, 0.0])}
-    upd, _ = tx.update(g, tx.init(p), p)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 counts and floats
+        upd, _ = tx.update(g, tx.init(p), p)
     gp = np.array([0.3 + 0.5, 0.0 + 0.5 * -2.0])
     np.testing.assert_allclose(upd["w"], -0.1 * gp / (np.abs(gp) + 1e-8), rtol=1e-5)
 
@@ -39,7 +40,8 @@ def test_adamw_decays_kernels_only():
     tx = train.create_optimizer(cfg, train.create_learning_rate_fn(cfg, 10))
     p = {"Dense_0": {"kernel": jnp.ones(2), "bias": jnp.ones(2)}}
     zero = jax.tree.map(jnp.zeros_like, p)
-    upd, _ = tx.update(zero, tx.init(p), p)
+    with jax.numpy_dtype_promotion("standard"):
+        upd, _ = tx.update(zero, tx.init(p), p)
     np.testing.assert_allclose(upd["Dense_0"]["kernel"], -0.1 * 0.5 * np.ones(2), rtol=1e-6)
     np.testing.assert_allclose(upd["Dense_0"]["bias"], 0.0)
 
@@ -47,7 +49,8 @@ def test_adamw_decays_kernels_only():
 def test_onecycle_schedule_peaks_at_lr_and_decays():
     cfg = FAST.optim
     fn = train.create_learning_rate_fn(cfg, 10 * 100)
-    values = np.array([fn(i) for i in range(0, 1000, 10)])
+    with jax.numpy_dtype_promotion("standard"):
+        values = np.array([fn(i) for i in range(0, 1000, 10)])
     assert math.isclose(values.max(), cfg.lr, rel_tol=0.02)
     assert values[0] < cfg.lr / 10 and values[-1] < cfg.lr / 100
 
@@ -149,7 +152,8 @@ def test_update_stopping_is_a_pure_verdict_per_epoch(scores, patience, co_guard,
         s, imp, reason = train.update_stopping(s, score, patience=patience, co_guard=co_guard, robust=robust)
         got.append(reason)
         improved.append(imp)
-    assert [w if w is None else w in (g or "") for w, g in zip(want, got)] == [w if w is None else True for w in want]
+    for w, g in zip(want, got):
+        assert (g is None) if w is None else (w in g)
     assert improved[:2] == [True, True]
     assert s.best_score == min(scores)
 
