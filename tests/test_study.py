@@ -1,8 +1,8 @@
 """The seed study and the extended suite end to end on tiny synthetic data: schema, files, reuse, resume."""
 
+import dataclasses
 import json
 
-import numpy as np
 import pytest
 
 from jaxadv import data, study
@@ -87,13 +87,11 @@ def test_a_rerun_recomputes_nothing(runs, monkeypatch):
 def test_ext_n_limits_the_new_cells_and_reuses_the_models(runs):
     out, splits, _, _ = runs
     results, lines = _run(splits, out, suite="extended",
-                          settings=suites.Settings(**{**SETTINGS.__dict__, "ext_n": 16}))  # fmt: skip
+                          settings=dataclasses.replace(SETTINGS, ext_n=16))
     assert not any(line.startswith("[train") for line in lines)
     for c in results["cells"]:
         assert c["n"] == (40 if c["table"] in ("seed", "seed_extra") else 16), c
     assert "every other cell on a class-balanced subset of 16" in (out / "results.md").read_text()
-    labels = splits.test.labels[:16]
-    assert np.bincount(labels, minlength=4).tolist() == [4, 4, 4, 4]  # a prefix of the split is balanced
 
 
 def test_a_0_1_study_directory_is_named_and_its_models_reused(runs, tmp_path):

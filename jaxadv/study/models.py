@@ -77,10 +77,20 @@ class ModelStore:
                                      progress=self.progress, log=lambda s: self.log(f"[train {name}] {s}"),
                                      environment=self.environment)  # fmt: skip
         apply_fn, variables, cfg, meta = train.load_trained(str(ckpt))
+        if reused is None:
+            self._check_data(name, meta)
         step = checkpoint.latest_step(ckpt)
         sq = defenses.get(cfg.defense.name).deploy(cfg.defense)
         self.models[name] = Model(name, apply_fn, variables, sq, cfg, meta["history"], str(ckpt), step, reused)
         return self.models[name]
+
+    def _check_data(self, name: str, meta: dict) -> None:
+        """A finished model is reused only if it was trained on these splits with this seed."""
+        want = {"data": self.splits.source, "seed": self.seed, "n_train": len(self.splits.train)}
+        for k, v in want.items():
+            if k in meta and meta[k] != v:
+                raise ValueError(f"{self.out / 'models' / name} was trained with {k}={meta[k]!r}, not {v!r}; "
+                                 "use a new --out, or the same data and seed")
 
     def _check_clean_run(self, ckpt: Path) -> None:
         if not finished(ckpt):
