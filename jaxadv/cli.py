@@ -370,7 +370,7 @@ def _host_devices_from_env() -> None:
 
 def _logging() -> logging.Logger:
     # Our own INFO lines only; orbax and absl log every save step at INFO.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     log = logging.getLogger("jaxadv")
     log.setLevel(logging.INFO)
     try:
