@@ -194,6 +194,52 @@ def require_key(key, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Compaction: host drivers step only the examples still active, in a few fixed sizes
+# ---------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def gather_rows(tree, idx, size):
+    """Rows `idx` (int32[size], padded with an out-of-range index) of every leaf."""
+    del size  # static: one compile per bucket size
+    return jax.tree.map(lambda a: jnp.take(a, idx, axis=0, mode="clip"), tree)
+
+
+@jax.jit
+def scatter_rows(tree, sub, idx):
+    """Write the rows of `sub` back at `idx`; padded (out-of-range) indices are dropped."""
+    return jax.tree.map(lambda a, b: a.at[idx].set(b, mode="drop"), tree, sub)
+
+
+def bucket(count: int, batch: int) -> int:
+    """The compiled sub-batch size for `count` >= 1 active examples.
+
+    `count` rounded up to a multiple of max(8, 2^(floor(log2 count) - 2)): multiples of 8
+    up to 64, then four sizes per doubling (80, 96, 112, 128, 160, ...), so padding adds
+    fewer than 8 rows below 64 and under 25 % above; or the whole batch once that size
+    would exceed 3/4 of it.
+    Each size compiles once (~1.3 s for the study's CNN on CPU): 11 sizes for a batch of
+    128, 23 for 1024. Measured at batch 128 (2-core CPU, trained CNN, timed in turn):
+    1.21x the speed of power-of-two sizes.
+    """
+    step = max(8, 1 << max(count.bit_length() - 3, 0))
+    size = -(-count // step) * step
+    return batch if size * 4 > batch * 3 else size
+
+
+def active_index(active: np.ndarray, batch: int) -> tuple[int, jax.Array | None]:
+    """(compiled size, int32[size] row indices padded out of range) for the active rows,
+    or (batch, None) when stepping the whole batch is as cheap."""
+    count = int(active.sum())
+    size = bucket(max(count, 1), batch)
+    if size == batch:
+        return batch, None
+    idx = np.full(size, batch, np.int32)  # padding: out of range, clipped on gather, dropped on scatter
+    idx[:count] = np.flatnonzero(active)
+    return size, jnp.asarray(idx)
+
+
+# ---------------------------------------------------------------------------------------
 # Shared arithmetic
 # ---------------------------------------------------------------------------------------
 
