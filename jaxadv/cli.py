@@ -162,6 +162,30 @@ def _attack_flags(a: argparse.ArgumentParser) -> None:
     a.add_argument("--no-progress", action="store_true", help="hide progress bars")  # fmt: skip
 
 
+def _autoattack_flags(a: argparse.ArgumentParser) -> None:
+    from jaxadv.attacks.autoattack import VERSIONS
+
+    a.add_argument("--checkpoint", required=True, help="a run directory (OUT of train) or its checkpoints/ folder")
+    a.add_argument("--norm", required=True, choices=["linf", "l2"], help="threat model")
+    a.add_argument("--eps", required=True, type=number, help="budget in pixels of [0, 1], e.g. 8/255 (linf) or 0.5 (l2)")
+    a.add_argument("--data", default=os.environ.get("JAXADV_DATA", "tfds"), help=_DATA_HELP)
+    a.add_argument("--cache-dir", default=None, help="decoded-array cache (default: $JAXADV_CACHE or ~/.cache/jaxadv)")
+    a.add_argument("--n", type=_positive_int, default=1000,
+                   help="the first N test images, a seeded class-balanced subset (default 1000, as RobustBench)")
+    a.add_argument("--version", choices=VERSIONS, default="standard", help="the reference's attack ensemble")
+    a.add_argument("--early-exit", action="store_true",
+                   help="stop attacking a point once fooled: the same verdicts, other adversarial examples, faster")
+    a.add_argument("--square-window", choices=["image", "batch"], default="image",
+                   help="Square's windows: one per image (default, batch-independent) or one per batch (the reference)")
+    a.add_argument("--batch-size", type=_positive_int, default=250, help="points per attack batch (the reference's 250)")
+    a.add_argument("--n-iter", type=_positive_int, default=100,
+                   help="APGD/FAB iterations (default 100, the reference's; fewer is not AutoAttack, only a smoke run)")
+    a.add_argument("--n-queries", type=_positive_int, default=5000, help="Square's queries (default 5000, the reference's)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the test order and of the attacks' randomness")
+    a.add_argument("--out", required=True, help="result JSON (a markdown table beside it); an interrupted run resumes")
+    a.add_argument("--no-progress", action="store_true", help="hide progress bars")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxadv",
                      description="Adversarial robustness of image classifiers in JAX: train, evaluate, attack, defend.")
@@ -179,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint (as its defense deploys it) under one registered attack. Writes clean and "
         "robust accuracy, the attack's settings and per-example results (norms for minimum-norm attacks) to --out. "
         "Resumable: rerun the same command after an interruption."))
+    _autoattack_flags(sub.add_parser(
+        "autoattack", help="RobustBench-style AutoAttack robust accuracy of a checkpoint",
+        description="AutoAttack (APGD-CE, APGD-T, FAB-T, Square for 'standard') on the first N test images of a "
+        "checkpoint, as its defense deploys it. Writes OUT (clean and robust accuracy, a record per attack, the "
+        "sanity flags, a record per point) and OUT with .md (the contribution table). Resumable between attacks "
+        "and batches: rerun the same command."))
     e = sub.add_parser("evaluate", help="clean test accuracy of a trained checkpoint",
                        description="Evaluate a checkpoint (its config is read from the checkpoint) on the test split.")
     e.add_argument("--checkpoint", required=True, help="a run directory (OUT of train) or its checkpoints/ folder")
@@ -318,6 +348,43 @@ def cmd_attack(args, log) -> int:
     return 0
 
 
+def cmd_autoattack(args, log) -> int:
+    from jaxadv import autoattack_eval, checkpoint, defenses, io, train
+    from jaxadv import data as data_mod
+
+    limit = 1.0 if args.norm == "linf" else 64.0
+    if not 0 < args.eps <= limit:
+        raise UsageError(f"--eps must be in (0, {limit:g}] for norm {args.norm} (pixels in [0, 1]), got {args.eps}")
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise UsageError(f"--out {args.out}: expected a .json path")
+    ckpt = _resolve_ckpt_dir(args.checkpoint)
+    _check_writable(out.parent)
+    apply_fn, variables, cfg, _ = train.load_trained(str(ckpt))
+    deployed = defenses.deployed_apply(cfg.defense, apply_fn)
+    splits = data_mod.load(args.data, cache_dir=args.cache_dir, val_size=0, seed=args.seed, progress=not args.no_progress)
+    test = splits.test
+    n = min(args.n, len(test))
+    fingerprint = {"checkpoint": str(ckpt.resolve()), "step": checkpoint.latest_step(ckpt), "data": splits.source}
+    result = autoattack_eval.evaluate(
+        deployed, variables, test.images[:n], test.labels[:n], test.index[:n], eps=args.eps, norm=args.norm,
+        version=args.version, early_exit=args.early_exit, square_window=args.square_window, seed=args.seed,
+        batch_size=args.batch_size, state_path=out.with_name(out.stem + ".state.npz"), fingerprint=fingerprint,
+        progress=not args.no_progress, log=log.info, n_iter=args.n_iter, n_queries=args.n_queries)  # fmt: skip
+    result.update(checkpoint=str(ckpt), defense=cfg.defense.name, version=args.version, early_exit=args.early_exit,
+                  n_iter=args.n_iter, n_queries=args.n_queries,
+                  square_window=args.square_window, data=splits.source, environment=io.environment())
+    io.write_json(out, result)
+    io.write_text(out.with_suffix(".md"), autoattack_eval.markdown(result, f"AutoAttack ({args.version}) of {ckpt}"))
+    f = result["flags"]
+    raised = [k for k in ("randomized", "probabilities", "square_beats_white_box", "nan") if f.get(k)]
+    raised += [k for k in ("within_eps", "within_box") if not f.get(k)]
+    raised += ["zero_gradients"] if f.get("zero_gradients") else []
+    print(f"clean {result['clean_accuracy_pct']:.2f}% -> robust {result['robust_accuracy_pct']:.2f}% under AutoAttack "
+          f"({args.version}, {args.norm} {args.eps:.6g}), n={n}; flags: {', '.join(raised) or 'none'}")
+    return 0
+
+
 def _attack_spec(args):
     from jaxadv import attacks
 
@@ -351,7 +418,8 @@ def cmd_bench(args, log) -> int:
     return run.main(args.bench_args)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attack": cmd_attack, "study": cmd_study, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attack": cmd_attack, "autoattack": cmd_autoattack,
+            "study": cmd_study, "bench": cmd_bench}
 
 
 def _host_devices_from_env() -> None:

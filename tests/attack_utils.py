@@ -22,16 +22,16 @@ def linear_apply(params, x):
     return x.reshape(x.shape[0], -1) @ params["W"] + params["b"][None, :]
 
 
-def make_linear(seed, num_classes, scale=1.0):
+def make_linear(seed, num_classes, scale=1.0, d=D):
     rng = np.random.default_rng(seed)
-    w = (scale * rng.standard_normal((D, num_classes))).astype(np.float32)
+    w = (scale * rng.standard_normal((d, num_classes))).astype(np.float32)
     b = (0.1 * rng.standard_normal(num_classes)).astype(np.float32)
     return {"W": jnp.asarray(w), "b": jnp.asarray(b)}
 
 
-def uniform_images(seed, batch, lo, hi):
+def uniform_images(seed, batch, lo, hi, hwc=HWC):
     rng = np.random.default_rng(seed)
-    return jnp.asarray(rng.uniform(lo, hi, (batch, *HWC)).astype(np.float32))
+    return jnp.asarray(rng.uniform(lo, hi, (batch, *hwc)).astype(np.float32))
 
 
 def np_softmax(z):

@@ -11,13 +11,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attack_utils import linear_apply, make_linear, uniform_images
+from attack_utils import linear_apply
+from attack_utils import make_linear as _make_linear
+from attack_utils import uniform_images as _uniform_images
 from jaxadv import attacks
 from jaxadv.attacks import REGISTRY, _core
 
 EPS = {"linf": 0.05, "l2": 0.5}
 K = 5
 B = 8
+HWC = (6, 6, 3)  # Square's L2 start needs at least 5x5 pixels
+
+
+def make_linear(seed, num_classes, scale=1.0):
+    return _make_linear(seed, num_classes, scale / 1.5, d=int(np.prod(HWC)))
+
+
+def uniform_images(seed, batch, lo, hi):
+    return _uniform_images(seed, batch, lo, hi, HWC)
 
 
 def cases():
@@ -27,7 +38,7 @@ def cases():
 def call(name, norm, params, x, y, *, apply_fn=linear_apply, key=None, eps=None, **kw):
     """The attack as a user calls it: `REGISTRY[name](apply_fn, params, x, y, key=k, eps=e)`."""
     fn = REGISTRY[name]
-    hp = {"norm": norm, **kw}
+    hp = {**dict(fn.meta.smoke), "norm": norm, **kw}
     if not fn.meta.minimum_norm:
         hp["eps"] = EPS.get(norm, 0.1) if eps is None else eps
     return fn(apply_fn, params, x, y, key=jax.random.key(7) if key is None else key, **hp)
@@ -36,7 +47,9 @@ def call(name, norm, params, x, y, *, apply_fn=linear_apply, key=None, eps=None,
 def setup(seed=0, lo=0.0, hi=1.0, dtype=jnp.float32):
     params = make_linear(seed, K, scale=3.0)
     x = uniform_images(seed + 1, B, lo, hi).astype(dtype)
-    y = jnp.asarray(np.arange(B) % K, jnp.int32)
+    # The model's own predictions: every point starts correctly classified, so attacks that
+    # leave misclassified points alone (APGD, FAB, Square, AutoAttack) attack all of them.
+    y = jnp.argmax(linear_apply(params, x.astype(jnp.float32)), -1).astype(jnp.int32)
     return params, x, y
 
 
@@ -148,7 +161,7 @@ def check_key_and_info(name, norm):
     params, x, y = setup(7)
     if fn.meta.randomized:
         with pytest.raises(ValueError, match="PRNG key"):
-            fn(linear_apply, params, x, y, key=None, norm=norm, eps=EPS[norm])
+            fn(linear_apply, params, x, y, key=None, norm=norm, eps=EPS[norm], **dict(fn.meta.smoke))
     if fn.meta.minimum_norm:
         x_adv, info = fn(linear_apply, params, x, y, norm=norm, return_info=True)
         assert isinstance(info, attacks.MinNormInfo)

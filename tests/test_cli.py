@@ -71,6 +71,20 @@ def test_train_then_evaluate_a_tiny_run(tiny_tree, tmp_path):
     a = json.loads(res.read_text())
     assert r == 0 and len(a["per_example"]["norm"]) == 40 and "success_rate_pct" in a["attack_stats"]
 
+    # AutoAttack, RobustBench style: the contribution table, the flags, a record per point; a rerun reads the state.
+    res = tmp_path / "aa.json"
+    argv = ["autoattack", "--checkpoint", str(out), "--norm", "linf", "--eps", "8/255", "--n", "24", "--early-exit",
+            "--n-iter", "10", "--n-queries", "50",
+            "--out", str(res), *map(str, common)]  # fmt: skip
+    assert cli.main(argv) == 0
+    aa = json.loads(res.read_text())
+    assert aa["n"] == 24 and [t["name"] for t in aa["attacks"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert aa["robust_accuracy_pct"] <= aa["clean_accuracy_pct"] and aa["flags"]["within_eps"]
+    assert len(aa["points"]["broken_by"]) == 24 and (tmp_path / "aa.md").read_text().startswith("# AutoAttack")
+    assert (tmp_path / "aa.state.npz").exists()
+    assert cli.main(argv) == 0
+    assert json.loads(res.read_text())["points"] == aa["points"]
+
 
 @pytest.mark.parametrize(
     "args, message",
@@ -94,6 +108,12 @@ def test_train_then_evaluate_a_tiny_run(tiny_tree, tmp_path):
          "pgd has no hyperparameter stepz"),
         (["attack", "--checkpoint", "C", "--attack", "nope", "--out", "X.json"], "invalid choice: 'nope'"),
         (["attack", "--checkpoint", "/no/such", "--attack", "fgsm", "--eps", "0.1", "--out", "X.json"],
+         "checkpoint not found"),
+        (["autoattack", "--checkpoint", "C", "--norm", "linf", "--out", "X.json"], "--eps"),
+        (["autoattack", "--checkpoint", "C", "--norm", "l1", "--eps", "0.1", "--out", "X.json"], "invalid choice: 'l1'"),
+        (["autoattack", "--checkpoint", "C", "--norm", "linf", "--eps", "2", "--out", "X.json"], "--eps must be in (0, 1]"),
+        (["autoattack", "--checkpoint", "C", "--norm", "linf", "--eps", "0", "--out", "X.json"], "--eps must be in (0, 1]"),
+        (["autoattack", "--checkpoint", "/no/such", "--norm", "l2", "--eps", "0.5", "--out", "X.json"],
          "checkpoint not found"),
     ],
 )

@@ -16,9 +16,13 @@ import dataclasses
 from typing import Any, Callable
 
 from jaxadv.attacks._core import AttackMeta, MinNormInfo, example_keys, meta, summed_cross_entropy
+from jaxadv.attacks.apgd import apgd, apgd_t
+from jaxadv.attacks.autoattack import autoattack
 from jaxadv.attacks.deepfool import deepfool
+from jaxadv.attacks.fab import fab, fab_t
 from jaxadv.attacks.fgsm import fgsm
 from jaxadv.attacks.pgd import pgd
+from jaxadv.attacks.square import square
 
 REGISTRY: dict[str, Callable] = {}
 
@@ -34,6 +38,12 @@ def register(fn: Callable, name: str | None = None) -> Callable:
 register(fgsm)
 register(pgd)
 register(deepfool)
+register(apgd)
+register(apgd_t)
+register(fab_t)
+register(fab)
+register(square)
+register(autoattack)
 
 
 def get(name: str) -> Callable:
@@ -86,5 +96,5 @@ class Spec:
         return (x_adv, None) if return_info else x_adv
 
 
-__all__ = ["REGISTRY", "AttackMeta", "MinNormInfo", "Spec", "deepfool", "example_keys", "fgsm", "get", "meta", "pgd",
-           "register", "summed_cross_entropy"]  # fmt: skip
+__all__ = ["REGISTRY", "AttackMeta", "MinNormInfo", "Spec", "apgd", "apgd_t", "autoattack", "deepfool", "example_keys", "fab", "fab_t", "fgsm",
+           "get", "meta", "pgd", "register", "square", "summed_cross_entropy"]  # fmt: skip

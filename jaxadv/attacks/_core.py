@@ -46,6 +46,8 @@ class AttackMeta:
         finds; it then accepts `return_info=True`.
       randomized: True if it draws random numbers (then `key` is required).
       paper: the reference it follows.
+      smoke: hyperparameters that make it cheap enough for the contract test on tiny
+        inputs (fewer iterations or queries), as ((name, value), ...).
     """
 
     name: str
@@ -53,6 +55,7 @@ class AttackMeta:
     minimum_norm: bool = False
     randomized: bool = False
     paper: str = ""
+    smoke: tuple = ()
 
     def defaults(self, fn: Callable) -> dict:
         """The documented default of every keyword hyperparameter of `fn`."""
@@ -62,12 +65,12 @@ class AttackMeta:
 
 
 def attack(*, name: str, norms: tuple[str, ...] = NORMS, minimum_norm: bool = False, randomized: bool = False,
-           paper: str = "") -> Callable[[Callable], Callable]:
+           paper: str = "", smoke: dict | None = None) -> Callable[[Callable], Callable]:
     """Decorator that attaches `AttackMeta` to a public attack function as `fn.meta`."""
 
     def wrap(fn: Callable) -> Callable:
         fn.meta = AttackMeta(name=name, norms=tuple(norms), minimum_norm=minimum_norm, randomized=randomized,
-                             paper=paper)  # fmt: skip
+                             paper=paper, smoke=tuple(sorted((smoke or {}).items())))  # fmt: skip
         return fn
 
     return wrap
@@ -99,6 +102,13 @@ def kernel(fn: Callable, static: tuple[str, ...] = ()) -> Callable:
     static values and input shapes; a kernel called under an outer jit is inlined.
     """
     return jax.jit(fn, static_argnames=("apply_fn",) + tuple(static))
+
+
+def _logits(apply_fn, params, x):
+    return apply_fn(params, x.astype(jnp.float32)).astype(jnp.float32)
+
+
+logits = kernel(_logits)  # f32[B,K] logits, compiled: host drivers never run the model op by op
 
 
 # ---------------------------------------------------------------------------------------

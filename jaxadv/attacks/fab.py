@@ -1,0 +1,320 @@
+"""FAB: the Fast Adaptive Boundary attack (Croce & Hein, ICML 2020, arXiv:1907.02044), L-inf and L2.
+
+FAB linearizes the classifier at its iterate, projects both the iterate and the clean
+point onto the linearized decision boundary (exact box-constrained L-inf / L2 projections
+onto a hyperplane), takes a convex combination biased towards the clean point, and, once
+adversarial, pulls back towards the clean point to shrink the perturbation. A port of the
+AutoAttack reference (`fab_base.py`, `fab_pt.py`, `fab_projections.py`): alpha_max 0.1,
+eta 1.05, beta 0.9, 100 iterations, random start of radius eps/2 for restarts after the
+first only, the projections' sort-and-bisect algorithm, success = misclassified with
+||x_adv - x|| <= eps, targets in turn (FAB-T) with the first success winning.
+
+As in AutoAttack, `fab`/`fab_t` are budgeted attacks: a point counts as fooled only with
+a perturbation inside the eps ball, and only those come back perturbed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxadv.attacks import _core
+from jaxadv.attacks._core import bcast, per_example_norm
+from jaxadv.types import ApplyFn, Array, Params, PRNGKey
+
+ALPHA_MAX, ETA, BETA = 0.1, 1.05, 0.9
+
+
+# ---------------------------------------------------------------------------------------
+# Projections onto {z : <w, z> = b} within the box [0, 1]^D (rows are independent)
+# ---------------------------------------------------------------------------------------
+
+
+def projection_linf(t: Array, w: Array, b: Array) -> Array:
+    """The minimal-L-inf move d with <w, t + d> = b and 0 <= t + d <= 1 (the full box move if unreachable)."""
+    n = t.shape[1]
+    sign = jnp.where(jnp.sum(w * t, 1) - b >= 0, 1.0, -1.0)
+    w, b = w * sign[:, None], b * sign
+    a = (w < 0).astype(jnp.float32)
+    nz = (w != 0).astype(jnp.float32)
+    d = (a - t) * nz
+    p = a - t * (2 * a - 1)
+    indp = jnp.argsort(p, axis=1)
+    b = b - jnp.sum(w * t, 1)
+    b0 = jnp.sum(w * d, 1)
+    indp2 = indp[:, ::-1]
+    ws = jnp.take_along_axis(w, indp2, 1)
+    bs2 = -ws * jnp.take_along_axis(d, indp2, 1)
+    s = jnp.cumsum(jnp.abs(ws), 1)
+    sb = jnp.cumsum(bs2, 1) + b0[:, None]
+    b2 = sb[:, -1] - s[:, -1] * jnp.take_along_axis(p, indp[:, :1], 1)[:, 0]
+    c_l = b - b2 > 0
+    c2 = (b - b0 > 0) & ~c_l
+    lb = jnp.zeros(t.shape[0], jnp.float32)
+    ub = jnp.full(t.shape[0], n - 1, jnp.float32)
+    for _ in range(math.ceil(math.log2(n))):
+        mid = jnp.floor((lb + ub) / 2)
+        m = mid.astype(jnp.int32)[:, None]
+        cur = jnp.take_along_axis(indp, n - 1 - m, 1)
+        b2 = (jnp.take_along_axis(sb, m, 1) - jnp.take_along_axis(s, m, 1) * jnp.take_along_axis(p, cur, 1))[:, 0]
+        c = b - b2 > 0
+        lb, ub = jnp.where(c, mid, lb), jnp.where(c, ub, mid)
+    lbi = lb.astype(jnp.int32)[:, None]
+    lmbd_l = jnp.maximum((b - sb[:, -1]) / (-s[:, -1]), 0.0)[:, None]
+    lmbd_2 = jnp.maximum((b - jnp.take_along_axis(sb, lbi, 1)[:, 0]) / (-jnp.take_along_axis(s, lbi, 1)[:, 0]),
+                         0.0)[:, None]  # fmt: skip
+    d = jnp.where(c_l[:, None], (2 * a - 1) * lmbd_l, d)
+    d = jnp.where(c2[:, None], jnp.minimum(lmbd_2, d) * a + jnp.maximum(-lmbd_2, d) * (1 - a), d)
+    return d * nz
+
+
+def projection_l2(t: Array, w: Array, b: Array) -> Array:
+    """The minimal-L2 move d with <w, t + d> = b and 0 <= t + d <= 1 (the full box move if unreachable)."""
+    n = t.shape[1]
+    c = jnp.sum(w * t, 1) - b
+    sign = jnp.where(c >= 0, 1.0, -1.0)
+    w, c = w * sign[:, None], c * sign
+    small = jnp.abs(w) < 1e-8
+    w_safe = jnp.where(small, 1.0, w)
+    r = jnp.clip(jnp.maximum(t / w_safe, (t - 1) / w_safe), -1e12, 1e12)
+    r = jnp.where(small, 1e12, r)
+    r = jnp.where(r == -1e12, 1e12, r)
+    indr = jnp.argsort(r, axis=1)
+    rs = jnp.take_along_axis(r, indr, 1)
+    rs2 = jnp.pad(rs[:, 1:], ((0, 0), (0, 1)))
+    rs = jnp.where(rs == 1e12, 0.0, rs)
+    rs2 = jnp.where(rs2 == 1e12, 0.0, rs2)
+    w3s = jnp.take_along_axis(w * w, indr, 1)
+    w5 = jnp.sum(w3s, 1, keepdims=True)
+    ws = w5 - jnp.cumsum(w3s, 1)
+    d = -(r * w) * (~small).astype(jnp.float32)
+    s = jnp.concatenate([-w5 * rs[:, :1], jnp.cumsum((rs - rs2) * ws, 1) - w5 * rs[:, :1]], 1)
+    c4 = s[:, 0] + c < 0
+    c3 = jnp.sum(d * w, 1) + c > 0
+    c2 = ~(c4 | c3)
+    lb = jnp.zeros(t.shape[0], jnp.float32)
+    ub = jnp.full(t.shape[0], n - 1, jnp.float32)
+    for _ in range(math.ceil(math.log2(n))):
+        mid = jnp.floor((lb + ub) / 2)
+        cond = jnp.take_along_axis(s, mid.astype(jnp.int32)[:, None], 1)[:, 0] + c > 0
+        lb, ub = jnp.where(cond, mid, lb), jnp.where(cond, ub, mid)
+    lbi = lb.astype(jnp.int32)[:, None]
+    d = jnp.where(c4[:, None], -(c / w5[:, 0])[:, None] * w, d)
+    ws_lb = jnp.take_along_axis(ws, lbi, 1)[:, 0]
+    alpha = (jnp.take_along_axis(s, lbi, 1)[:, 0] + c) / jnp.where(ws_lb == 0, 1.0, ws_lb) + \
+        jnp.take_along_axis(rs, lbi, 1)[:, 0]  # fmt: skip
+    alpha = jnp.where(ws_lb == 0, 0.0, alpha)[:, None]
+    d = jnp.where(c2[:, None], jnp.where(alpha > r, d, -alpha * w), d)
+    return d * (~small).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------
+
+
+class _State(NamedTuple):
+    x0: Array  # clean images
+    y: Array
+    y_target: Array
+    x1: Array  # the iterate
+    adv: Array  # the smallest adversarial iterate so far
+    res: Array  # its norm (1e10: none yet)
+
+
+def _linearize(apply_fn, params, x1, y, y_target, targeted):
+    """(df [B,M], dg [B,M,D]): logit differences to the other classes (or the target) and their gradients."""
+    if targeted:
+        def diff(z):
+            logits = apply_fn(params, z).astype(jnp.float32)
+            pick = lambda c: jnp.take_along_axis(logits, c[:, None], 1)[:, 0]  # noqa: E731
+            return jnp.sum(pick(y_target) - pick(y)), pick(y_target) - pick(y)
+
+        (_, df), g = jax.value_and_grad(diff, has_aux=True)(x1)
+        return df[:, None], g.reshape(g.shape[0], 1, -1)
+    logits, pullback = jax.vjp(lambda z: apply_fn(params, z).astype(jnp.float32), x1)
+    k = logits.shape[-1]
+    (jac,) = jax.vmap(pullback)(jnp.broadcast_to(jnp.eye(k, dtype=jnp.float32)[:, None, :], (k, *logits.shape)))
+    jac = jnp.swapaxes(jac.reshape(k, x1.shape[0], -1), 0, 1)  # [B,K,D]
+    fy = jnp.take_along_axis(logits, y[:, None], 1)
+    df = logits - fy
+    dg = jac - jnp.take_along_axis(jac, y[:, None, None], 1)
+    return jnp.where(jax.nn.one_hot(y, k, dtype=jnp.bool_), 1e10, df), dg
+
+
+def _step(apply_fn, params, s: _State, *, norm, targeted):
+    b = s.x0.shape[0]
+    df, dg = _linearize(apply_fn, params, s.x1, s.y, s.y_target, targeted)
+    dual = jnp.sum(jnp.abs(dg), -1) if norm == "linf" else jnp.sqrt(jnp.sum(dg * dg, -1))
+    ind = jnp.argmin(jnp.abs(df) / (1e-12 + dual), axis=1)
+    w = jnp.take_along_axis(dg, ind[:, None, None], 1)[:, 0]
+    x1f, x0f = s.x1.reshape(b, -1), s.x0.reshape(b, -1)
+    bb = -jnp.take_along_axis(df, ind[:, None], 1)[:, 0] + jnp.sum(w * x1f, -1)
+    proj = projection_linf if norm == "linf" else projection_l2
+    d3 = proj(jnp.concatenate([x1f, x0f]), jnp.concatenate([w, w]), jnp.concatenate([bb, bb]))
+    a0 = jnp.maximum(per_example_norm(d3, norm), 1e-8)
+    a1, a2 = a0[:b], a0[b:]
+    alpha = jnp.clip(a1 / (a1 + a2), 0.0, ALPHA_MAX)
+    d1, d2 = d3[:b].reshape(s.x0.shape), d3[b:].reshape(s.x0.shape)
+    x1 = jnp.clip((s.x1 + ETA * d1) * bcast(1 - alpha) + (s.x0 + ETA * d2) * bcast(alpha), 0.0, 1.0)
+    is_adv = jnp.argmax(apply_fn(params, x1), -1) != s.y
+    t = per_example_norm(x1 - s.x0, norm)
+    better = is_adv & (t < s.res)
+    adv = jnp.where(bcast(better), x1, s.adv)
+    res = jnp.where(better, t, s.res)
+    x1 = jnp.where(bcast(is_adv), s.x0 + (x1 - s.x0) * BETA, x1)
+    return s._replace(x1=x1, adv=adv, res=res)
+
+
+_step_kernel = _core.kernel(_step, static=("norm", "targeted"))
+
+
+def _start(x0, keys, eps, norm):
+    """Restarts after the first start at radius eps/2 (the reference's min(res, eps) / 2 with res = 1e10)."""
+    if norm == "linf":
+        t = jax.vmap(lambda k: jax.random.uniform(k, x0.shape[1:], jnp.float32) * 2 - 1)(keys)
+    else:
+        t = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(keys)
+    return jnp.clip(x0 + eps * t / bcast(per_example_norm(t, norm)) * 0.5, 0.0, 1.0)
+
+
+_start_kernel = jax.jit(_start, static_argnames=("norm",))
+
+
+def run(apply_fn, params, x, y, y_target, keys, *, eps, norm, targeted, n_iter, random_start, early_exit,
+        counter=None):  # fmt: skip
+    """One FAB run: (smallest adversarial iterate or x, its norm or 1e10) per example."""
+    x0 = x.astype(jnp.float32)
+    x1 = _start_kernel(x0, keys, jnp.float32(eps), norm=norm) if random_start else x0
+    s = _State(x0, y, y_target, x1, x0, jnp.full((x.shape[0],), 1e10, jnp.float32))
+    b = x.shape[0]
+    step = functools.partial(_step_kernel, apply_fn, params, norm=norm, targeted=targeted)
+    k = 1 if targeted else _core.num_classes(apply_fn, params, x)
+    passes = 0
+    for _ in range(n_iter):
+        if not early_exit:
+            s = step(s)
+            passes += b
+            continue
+        active = np.asarray(s.res) > eps  # a point stops once it has an adversarial iterate within eps
+        if not active.any():
+            break
+        size, idx = _core.active_index(active, b)
+        passes += size
+        s = step(s) if idx is None else _core.scatter_rows(s, step(_core.gather_rows(s, idx, size=size)), idx)
+    if counter is not None:
+        counter["forward"] = counter.get("forward", 0) + 2 * passes
+        counter["backward"] = counter.get("backward", 0) + k * passes
+    return s.adv, s.res
+
+
+@functools.cache
+def _boxed(apply_fn, lo: float, hi: float):
+    """`apply_fn` on the unit box: z in [0, 1] is the image lo + z (hi - lo)."""
+    return lambda params, z: apply_fn(params, lo + z * (hi - lo))
+
+
+def _perturb(apply_fn, params, x, y, key, *, eps, norm, targets, n_restarts, n_iter, early_exit, counter,
+             clip_min=0.0, clip_max=1.0):  # fmt: skip
+    """The reference's `perturb`: runs on the points still robust; success needs ||delta|| <= eps.
+
+    The reference's projections work in [0, 1]; another box is mapped onto it (and eps with it).
+    """
+    if (clip_min, clip_max) != (0.0, 1.0):
+        scale = float(clip_max) - float(clip_min)
+        out, fooled, broke = _perturb(_boxed(apply_fn, float(clip_min), float(clip_max)), params,
+                                      (x.astype(jnp.float32) - clip_min) / scale, y, key, eps=eps / scale, norm=norm,
+                                      targets=targets, n_restarts=n_restarts, n_iter=n_iter, early_exit=early_exit,
+                                      counter=counter)  # fmt: skip
+        return jnp.clip(clip_min + out * scale, clip_min, clip_max), fooled, broke
+    keys = _core.example_keys(key, x)
+    x0 = x.astype(jnp.float32)
+    logits = _core.logits(apply_fn, params, x0)
+    order = jnp.argsort(logits, axis=-1)
+    fooled = np.array(jnp.argmax(logits, -1) != y)
+    broke_with = np.full(x.shape[0], -1, np.int32)
+    out = x0
+    for t_i, target_class in enumerate(targets):
+        for r in range(n_restarts):
+            todo = ~fooled
+            if not todo.any():
+                return out, fooled, broke_with
+            size, idx = _core.active_index(todo, x.shape[0])
+            idx = jnp.arange(x.shape[0], dtype=jnp.int32) if idx is None else idx
+            y_t = y if target_class is None else order[:, -target_class]
+            run_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t_i * 1000 + r)
+            sub = _core.gather_rows((x0, y, y_t, run_keys), idx, size=size)
+            adv, res = run(apply_fn, params, *sub, eps=eps, norm=norm, targeted=target_class is not None,
+                           n_iter=n_iter, random_start=r > 0, early_exit=early_exit, counter=counter)  # fmt: skip
+            ok = np.array((res <= eps) & (jnp.argmax(_core.logits(apply_fn, params, adv), -1) != sub[1]))
+            rows_all = np.asarray(idx)
+            ok &= (rows_all < x.shape[0]) & todo[np.minimum(rows_all, x.shape[0] - 1)]  # padding, or done before
+            rows = rows_all[ok]
+            out = out.at[rows].set(adv[np.flatnonzero(ok)])
+            fooled[rows] = True
+            broke_with[rows] = t_i
+    return out, fooled, broke_with
+
+
+def _check(apply_fn, params, x, y, eps, norm, n_iter, n_restarts, clip_min, clip_max):
+    _core.check_inputs(apply_fn, params, x, y, clip_min=clip_min, clip_max=clip_max, eps=eps, norm=norm,
+                       norms=("linf", "l2"))  # fmt: skip
+    for label, v in (("n_iter", n_iter), ("n_restarts", n_restarts)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{label} must be an int >= 1, got {v!r}")
+    return _core.num_classes(apply_fn, params, x)
+
+
+@_core.attack(name="fab", smoke={"n_iter": 6}, norms=("linf", "l2"), randomized=True, paper="Croce & Hein 2020, arXiv:1907.02044")
+def fab(apply_fn: ApplyFn, params: Params, x: Array, y: Array, *, key: PRNGKey | None = None, eps: float | Array,
+        norm: str = "linf", n_iter: int = 100, n_restarts: int = 5, early_exit: bool = False,
+        return_info: bool = False, clip_min: float = 0.0, clip_max: float = 1.0):  # fmt: skip
+    """Untargeted FAB within eps (AutoAttack "plus": 5 restarts, the later ones from random starts).
+
+    Each step needs the gradients of all K logits (K backward passes). Points fooled within
+    eps come back perturbed; the others (and points misclassified at x) as x.
+    `early_exit` stops a point once it has an adversarial iterate within eps (same verdict).
+    With `return_info`: (x_adv, {"fooled", "passes"}).
+    """
+    _check(apply_fn, params, x, y, eps, norm, n_iter, n_restarts, clip_min, clip_max)
+    if n_restarts > 1:
+        _core.require_key(key, "fab with n_restarts > 1")
+    counter: dict = {}
+    out, fooled, _ = _perturb(apply_fn, params, x, y, key if key is not None else jax.random.key(0), eps=eps,
+                              norm=norm, targets=[None], n_restarts=n_restarts, n_iter=n_iter, early_exit=early_exit,
+                              counter=counter, clip_min=clip_min, clip_max=clip_max)  # fmt: skip
+    x_adv = out.astype(x.dtype)
+    return (x_adv, {"fooled": fooled, "passes": counter}) if return_info else x_adv
+
+
+@_core.attack(name="fab_t", smoke={"n_iter": 6}, norms=("linf", "l2"), paper="Croce & Hein 2020, arXiv:1907.02044")
+def fab_t(apply_fn: ApplyFn, params: Params, x: Array, y: Array, *, key: PRNGKey | None = None, eps: float | Array,
+          norm: str = "linf", n_target_classes: int | None = None, n_iter: int = 100, n_restarts: int = 1,
+          early_exit: bool = False, return_info: bool = False, clip_min: float = 0.0,
+          clip_max: float = 1.0):  # fmt: skip
+    """FAB-T: FAB towards each of the `n_target_classes` highest-scoring wrong classes at x in
+    turn (AutoAttack standard: 9 targets, 1 restart, so deterministic), the first success
+    within eps winning. With `return_info`, info also has "target" (-1: none)."""
+    k = _check(apply_fn, params, x, y, eps, norm, n_iter, n_restarts, clip_min, clip_max)
+    if n_target_classes is None:
+        n_target_classes = min(9, k - 1)  # AutoAttack's 9, or every other class of a smaller model
+    if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= k - 1:
+        raise ValueError(f"n_target_classes must be an int in [1, {k - 1}] for {k} classes, got {n_target_classes!r}")
+    if n_restarts > 1:
+        _core.require_key(key, "fab_t with n_restarts > 1")
+    counter: dict = {}
+    out, fooled, broke_with = _perturb(apply_fn, params, x, y, key if key is not None else jax.random.key(0),
+                                       eps=eps, norm=norm, targets=list(range(2, n_target_classes + 2)),
+                                       n_restarts=n_restarts, n_iter=n_iter, early_exit=early_exit,
+                                       counter=counter, clip_min=clip_min, clip_max=clip_max)  # fmt: skip
+    x_adv = out.astype(x.dtype)
+    if not return_info:
+        return x_adv
+    order = np.asarray(jnp.argsort(_core.logits(apply_fn, params, x), axis=-1))
+    target = np.where(broke_with >= 0, order[np.arange(len(broke_with)), -(np.maximum(broke_with, 0) + 2)], -1)
+    return x_adv, {"fooled": fooled, "target": target, "passes": counter}

@@ -1,0 +1,122 @@
+"""APGD against the AutoAttack reference: its losses in float64, its checkpoint schedule,
+and its trajectories on the reference's deterministic toy model."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aa_toy import PARAMS, X, Y, size, toy
+from jaxadv.attacks import apgd, apgd_t
+
+apgd_module = importlib.import_module("jaxadv.attacks.apgd")
+
+
+def np_dlr(z, y):
+    z = np.asarray(z, np.float64)
+    zs = np.sort(z, axis=1)
+    zy = z[np.arange(len(y)), y]
+    other = np.max(np.where(np.eye(z.shape[1])[y] == 1, -np.inf, z), axis=1)
+    return -(zy - other) / (zs[:, -1] - zs[:, -3] + 1e-12)
+
+
+def np_dlr_t(z, y, t):
+    z = np.asarray(z, np.float64)
+    zs = np.sort(z, axis=1)
+    r = np.arange(len(y))
+    return -(z[r, y] - z[r, t]) / (zs[:, -1] - 0.5 * (zs[:, -3] + zs[:, -4]) + 1e-12)
+
+
+def test_dlr_losses_equal_their_formulas_with_ties_and_wrong_top_classes():
+    z = np.array([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [0.5, -1, 3, 3, 2], [2, 9, 1, 9, 0]], np.float32)
+    y = np.array([4, 0, 2, 1])
+    t = np.array([3, 4, 3, 3])
+    np.testing.assert_allclose(apgd_module.dlr_loss(jnp.asarray(z), jnp.asarray(y)), np_dlr(z, y), atol=1e-6)
+    np.testing.assert_allclose(apgd_module.dlr_loss(jnp.asarray(z), jnp.asarray(y))[:3], [-0.5, 2.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(apgd_module.dlr_loss_targeted(jnp.asarray(z), jnp.asarray(y), jnp.asarray(t)),
+                               np_dlr_t(z, y, t), atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(apgd_module.dlr_loss_targeted(jnp.asarray(z), jnp.asarray(y), jnp.asarray(t))[:3],
+                               [-0.4, 1.6, 0.0], atol=1e-6)  # fmt: skip
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((50, 10)).astype(np.float32)
+    y = rng.integers(0, 10, 50)
+    np.testing.assert_allclose(apgd_module.dlr_loss(jnp.asarray(z), jnp.asarray(y)), np_dlr(z, y), rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_iter, want", [
+    (100, {21: 22, 40: 19, 56: 16, 69: 13, 79: 10, 86: 7, 92: 6, 98: 6}),
+    (50, {10: 11, 20: 10, 29: 9, 37: 8, 44: 7}),
+])  # fmt: skip
+def test_checkpoint_schedule_is_the_references(n_iter, want):
+    assert apgd_module.checkpoints(n_iter) == want
+    if n_iter == 100:  # the paper's p_j: ceil(100 p_j) steps, i.e. after iteration index ceil(100 p_j) - 1
+        p = [0, 0.22]
+        while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1:
+            p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+        assert [int(np.ceil(100 * q - 1e-9)) - 1 for q in p[1:]] == sorted(want)
+
+
+def _single(norm, loss, eps):
+    """One reference run started at the clean point (no randomness): the final state."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    f = jnp.float32
+    s = apgd_module._init_kernel(toy, PARAMS, X, Y, Y, keys, f(eps), f(0), f(1), norm=norm, loss=loss, n_iter=100,
+                                 random_start=False)  # fmt: skip
+    ch = apgd_module.checkpoints(100)
+    for i in range(100):
+        s = apgd_module._step_kernel(toy, PARAMS, s, jnp.int32(i), jnp.bool_(i in ch), jnp.int32(ch.get(i, 1)), f(eps),
+                                     f(0), f(1), 0.75, norm=norm, loss=loss)  # fmt: skip
+    return s
+
+
+@pytest.mark.parametrize("norm, loss, eps, loss_best, robust, steps", [
+    ("linf", "ce", 0.1, [0.244281, 0.019122, 0.500134, 0.232271], [1, 1, 1, 1], [0.00078125] * 4),
+    ("linf", "dlr", 0.1, [-0.248157, -0.577742, -0.137711, -0.256614], [1, 1, 1, 1], [0.00078125] * 4),
+    ("l2", "dlr", 0.3, [-0.161433, -0.546106, 0.144216, -0.173898], [1, 1, 0, 1], None),
+])  # fmt: skip
+def test_a_run_from_the_clean_point_follows_the_reference(norm, loss, eps, loss_best, robust, steps):
+    with jax.default_matmul_precision("highest"):
+        s = _single(norm, loss, eps)
+    np.testing.assert_allclose(np.asarray(s.loss_best), loss_best, atol=2e-6)
+    np.testing.assert_array_equal(~np.asarray(s.fooled), np.asarray(robust, bool))
+    if steps:
+        np.testing.assert_allclose(np.asarray(s.step), steps)
+    if norm == "linf" and loss == "ce":
+        np.testing.assert_allclose(np.asarray(s.x_best)[0].ravel(),
+                                   [0.4, 0.713331, 0.789539, 0.770952, 0.422992, 0.008988], atol=2e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.3)])
+def test_apgd_never_returns_a_point_worse_than_its_start(norm, eps):
+    s = _single(norm, "ce", eps)
+    start = apgd_module.ce_loss(toy(PARAMS, X), Y)
+    assert np.all(np.asarray(s.loss_best) >= np.asarray(start) - 1e-7)
+    x_adv = apgd(toy, PARAMS, X, Y, key=jax.random.key(1), eps=eps, norm=norm)
+    fooled = np.asarray(toy(PARAMS, x_adv)).argmax(-1) != np.asarray(Y)
+    # Returned: the last fooling iterate, else the best-loss one, which beats the random start.
+    assert np.all(size(x_adv - X, norm) <= eps + 1e-6)
+    assert fooled.any() or np.all(np.asarray(apgd_module.ce_loss(toy(PARAMS, x_adv), Y)) > 0)
+
+
+def test_early_exit_keeps_the_verdicts_and_spends_fewer_passes(trained_cnn):
+    apply_fn, params, x, _ = trained_cnn
+    y = jnp.argmax(apply_fn(params, x), -1)
+    kw = dict(key=jax.random.key(0), eps=0.15, n_iter=20, return_info=True)
+    _, full = apgd(apply_fn, params, x, y, **kw)
+    _, quick = apgd(apply_fn, params, x, y, early_exit=True, **kw)
+    np.testing.assert_array_equal(full["fooled"], quick["fooled"])
+    assert full["fooled"].any() and quick["passes"]["forward"] < full["passes"]["forward"]
+
+
+def test_apgd_t_attacks_the_targets_in_order_and_reports_them(trained_cnn):
+    apply_fn, params, x, _ = trained_cnn  # 3 classes: 2 targets at most
+    y = jnp.argmax(apply_fn(params, x), -1)
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        apgd_t(apply_fn, params, x, y, key=jax.random.key(0), eps=0.05)
+    x_adv, info = apgd_t(toy, PARAMS, X, Y, key=jax.random.key(0), eps=0.3, norm="l2", return_info=True)
+    order = np.argsort(np.asarray(toy(PARAMS, X)), axis=1)
+    for i in np.flatnonzero(info["fooled"]):
+        assert info["target"][i] in order[i, -4:-1]  # one of the 3 wrong classes, highest first
+    assert info["target"][~info["fooled"]].tolist() == [-1] * int((~info["fooled"]).sum())

@@ -1,0 +1,69 @@
+"""FAB against the AutoAttack reference: its projections and its runs on the toy model."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aa_toy import PARAMS, X, Y, size, toy
+from jaxadv.attacks import fab, fab_t
+
+fab_module = importlib.import_module("jaxadv.attacks.fab")
+T = jnp.asarray([[.5, .5, .5, .5], [.2, .9, .4, .6], [.5, .5, .5, .5], [.1, .1, .1, .1]])
+W = jnp.asarray([[1., 1, 1, 1], [1, -2, .5, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
+B = jnp.asarray([1.0, -0.5, 3.9, 10.0])
+
+
+def test_projections_equal_the_references():
+    np.testing.assert_allclose(fab_module.projection_linf(T, W, B),
+                               [[-.25] * 4, [.257143, -.257143, .257143, 0], [.475] * 4, [.9] * 4], atol=1e-6)
+    np.testing.assert_allclose(fab_module.projection_l2(T, W, B),
+                               [[-.25] * 4, [.171429, -.342857, .085714, 0], [.475] * 4, [.9] * 4], atol=1e-6)
+
+
+@pytest.mark.parametrize("proj", ["linf", "l2"])
+def test_projections_reach_the_hyperplane_inside_the_box_when_they_can(proj, getkey):
+    rng = np.random.default_rng(3)
+    t = rng.uniform(0, 1, (20, 30)).astype(np.float32)
+    w = rng.standard_normal((20, 30)).astype(np.float32)
+    b = (np.sum(w * rng.uniform(0, 1, (20, 30)), 1)).astype(np.float32)  # a point of the box lies on it
+    f = fab_module.projection_linf if proj == "linf" else fab_module.projection_l2
+    d = np.asarray(f(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b)))
+    assert np.all(t + d >= -1e-5) and np.all(t + d <= 1 + 1e-5)
+    np.testing.assert_allclose(np.sum(w * (t + d), 1), b, atol=2e-4)
+
+
+@pytest.mark.parametrize("norm, eps, want, pred", [
+    ("linf", 0.3, [0.176299, 0.238779, 0.119168, 0.179973], [2, 3, 1, 2]),
+    ("l2", 1.0, [0.362943, 0.779855, 0.273903, 0.370173], None),
+    ("l2", 0.3, [0.0, 0.0, 0.273903, 0.0], None),
+    ("linf", 0.1, [0.0, 0.0, 0.0, 0.0], None),
+])  # fmt: skip
+def test_fab_t_follows_the_reference_first_success_winning(norm, eps, want, pred):
+    with jax.default_matmul_precision("highest"):
+        x_adv, info = fab_t(toy, PARAMS, X, Y, eps=eps, norm=norm, n_target_classes=3, return_info=True)
+    np.testing.assert_allclose(size(x_adv - X, norm), want, atol=2e-5)
+    if pred:
+        np.testing.assert_array_equal(np.asarray(toy(PARAMS, x_adv)).argmax(-1), pred)
+    np.testing.assert_array_equal(info["fooled"], np.asarray(want) > 0)
+
+
+@pytest.mark.parametrize("norm, eps, want", [("linf", 0.3, [0.135850, 0.238779, 0.119168, 0.135621]),
+                                             ("l2", 1.0, [0.304381, 0.533096, 0.273903, 0.303854])])
+def test_untargeted_fab_follows_the_reference(norm, eps, want):
+    with jax.default_matmul_precision("highest"):
+        x_adv = fab(toy, PARAMS, X, Y, eps=eps, norm=norm, n_restarts=1)
+    np.testing.assert_allclose(size(x_adv - X, norm), want, atol=2e-5)
+
+
+def test_early_exit_keeps_the_verdicts(trained_cnn):
+    apply_fn, params, x, _ = trained_cnn
+    y = jnp.argmax(apply_fn(params, x), -1)
+    kw = dict(eps=0.1, n_target_classes=2, n_iter=15, return_info=True)
+    a, full = fab_t(apply_fn, params, x, y, **kw)
+    b, quick = fab_t(apply_fn, params, x, y, early_exit=True, **kw)
+    np.testing.assert_array_equal(full["fooled"], quick["fooled"])
+    assert full["fooled"].any() and quick["passes"]["forward"] < full["passes"]["forward"]
+    assert np.all(size(b - x, "linf") <= 0.1 + 1e-6)

@@ -1,0 +1,54 @@
+"""Square: the reference's schedule, window sides and L2 patterns; exact query counts; both window modes."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxadv.attacks import square
+
+sq = importlib.import_module("jaxadv.attacks.square")
+
+
+def test_window_sides_and_patterns_are_the_references():
+    its = (10, 50, 200, 500, 1000, 2000, 4000, 4999)
+    assert [sq.window_side(sq.p_selection(0.8, i), 32, 32, "linf") for i in its] == [29, 20, 14, 10, 7, 5, 4, 3]
+    assert [sq.window_side(sq.p_selection(0.8, i), 32, 32, "l2") for i in its] == [29, 21, 15, 11, 7, 5, 5, 3]
+    assert [sq.window_side(sq.p_selection(0.8, i), 28, 28, "linf") for i in its] == [25, 18, 13, 9, 6, 4, 3, 2]
+    np.testing.assert_allclose(sq.eta_rectangles(1, 3), [[0.19245, 0.96225, 0.19245]], atol=1e-5)
+    np.testing.assert_allclose(sq.eta(3), [[0.136083, 0.680414, 0.136083], [-0.129099] * 3,
+                                           [-0.129099, -0.645497, -0.129099]], atol=1e-6)  # fmt: skip
+    assert np.sum(sq.eta(5) ** 2) == pytest.approx(1.0)
+
+
+def test_queries_are_counted_exactly(trained_cnn):
+    apply_fn, params, x, _ = trained_cnn
+    y = jnp.argmax(apply_fn(params, x), -1)
+    x_adv, info = square(apply_fn, params, x, y, key=jax.random.key(0), eps=0.1, n_queries=40, return_info=True)
+    fooled = info["fooled"]
+    q = info["queries"]
+    assert q.max() <= 40 and np.all(q[~fooled] == 40)  # robust points: every query used
+    assert np.all(q[fooled] >= 1) and np.all(q[fooled] < 40) and fooled.any()
+    # The forward-pass count is the queries plus one clean pass per point.
+    assert info["passes"]["forward"] == q.sum() + len(q)
+    # A fooled point's example is misclassified; every point stays in the ball.
+    assert np.all(np.asarray(apply_fn(params, x_adv)).argmax(-1)[fooled] != np.asarray(y)[fooled])
+    assert float(jnp.abs(x_adv - x).max()) <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.08), ("l2", 0.8)])
+def test_window_modes(trained_cnn, norm, eps):
+    apply_fn, params, x, _ = trained_cnn
+    y = jnp.argmax(apply_fn(params, x), -1)
+    kw = dict(eps=eps, norm=norm, n_queries=25, return_info=True)
+    keys = jax.random.split(jax.random.key(1), len(y))
+    for window, independent in (("image", True), ("batch", False)):
+        _, whole = square(apply_fn, params, x, y, key=keys, window=window, **kw)
+        halves = [square(apply_fn, params, x[s], y[s], key=keys[s], window=window, **kw)[1]["queries"]
+                  for s in (slice(0, 24), slice(24, None))]  # fmt: skip
+        same = np.array_equal(np.concatenate(halves), whole["queries"])
+        assert same == independent, window  # the reference's shared windows depend on the batch
+    with pytest.raises(ValueError, match="window must be one of"):
+        square(apply_fn, params, x, y, key=keys, window="pixel", eps=eps)

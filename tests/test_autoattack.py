@@ -1,0 +1,89 @@
+"""AutoAttack: the ensemble's order and settings, its verdict rules, the sanity flags, the CLI."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aa_toy import PARAMS, X, Y, size, toy
+from jaxadv.attacks import autoattack
+from jaxadv.attacks.autoattack import ensemble
+
+QUICK = dict(n_iter=10, n_queries=30)
+
+
+def test_the_versions_are_the_references():
+    names = lambda v: [a[0] for a in ensemble(v, 10)]  # noqa: E731
+    assert names("standard") == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert names("plus") == ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
+    assert names("rand") == ["apgd-ce", "apgd-dlr"]
+    std = {n: kw for n, _, kw in ensemble("standard", 10)}
+    assert std["apgd-ce"] == {"loss": "ce", "n_iter": 100, "n_restarts": 1}
+    assert std["apgd-t"]["n_target_classes"] == 9 and std["fab-t"]["n_target_classes"] == 9
+    assert std["square"]["n_queries"] == 5000
+    plus = {n: kw for n, _, kw in ensemble("plus", 10)}
+    assert plus["apgd-ce"]["n_restarts"] == plus["apgd-dlr"]["n_restarts"] == plus["fab"]["n_restarts"] == 5
+    with pytest.raises(ValueError, match="version must be one of"):
+        autoattack(toy, PARAMS, X, Y, key=jax.random.key(0), eps=0.1, version="fast")
+
+
+def test_a_non_robust_model_has_zero_robust_accuracy_and_a_record_per_point():
+    x_adv, info = autoattack(toy, PARAMS, X, Y, key=jax.random.key(0), eps=0.3, return_info=True, **QUICK)
+    rec = info["record"]
+    assert rec["clean_correct"].all() and not rec["robust"].any()
+    assert set(rec["broken_by"]) <= {"apgd-ce", "apgd-t", "fab-t", "square"}
+    pred = np.asarray(toy(PARAMS, x_adv)).argmax(-1)
+    assert np.all(pred != np.asarray(Y))
+    np.testing.assert_allclose(rec["norm"], size(x_adv - X, "linf"), atol=1e-6)
+    assert np.all(rec["norm"] <= 0.3 + 1e-6) and np.all(rec["margin"] < 0)
+    table = info["attacks"]
+    assert [t["name"] for t in table] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert sum(t["newly_broken"] for t in table) == 4 and table[-1]["robust"] == 0
+    assert info["flags"]["within_eps"] and info["flags"]["within_box"] and not info["flags"]["nan"]
+
+
+def constant(params, x):
+    """A model that ignores its input: every attack fails, and its gradients are zero."""
+    return jnp.broadcast_to(params["b2"][None, :], (x.shape[0], 4)) + 0.0 * jnp.sum(x)
+
+
+def test_a_constant_model_keeps_its_clean_accuracy():
+    y = jnp.asarray([3, 3, 0, 1], jnp.int32)  # the constant prediction is class 3
+    x_adv, info = autoattack(constant, PARAMS, X, y, key=jax.random.key(0), eps=0.3, return_info=True, **QUICK)
+    np.testing.assert_array_equal(np.asarray(x_adv), np.asarray(X))
+    assert info["record"]["robust"].tolist() == [True, True, False, False]
+    assert info["flags"]["zero_gradients"] == 2
+
+
+_rng = np.random.default_rng(0)
+
+
+def noisy(params, x):
+    """A randomized defense: host-side noise on every (op-by-op) call."""
+    return toy(params, x) + jnp.asarray(_rng.normal(0, 0.5, (x.shape[0], 4)), jnp.float32)
+
+
+def softmax_model(params, x):
+    return jax.nn.softmax(toy(params, x), axis=-1)
+
+
+def test_the_flags_fire_on_a_randomized_and_on_a_softmax_model():
+    from jaxadv.attacks.autoattack import sanity_flags
+
+    assert not any(sanity_flags(toy, PARAMS, X, Y)[k] for k in ("randomized", "probabilities"))
+    assert sanity_flags(noisy, PARAMS, X, Y)["randomized"]
+    assert sanity_flags(softmax_model, PARAMS, X, Y)["probabilities"]
+
+
+def test_the_result_does_not_depend_on_batching():
+    keys = jax.random.split(jax.random.key(3), 4)
+    whole = autoattack(toy, PARAMS, X, Y, key=keys, eps=0.12, **QUICK)
+    halves = [autoattack(toy, PARAMS, X[s], Y[s], key=keys[s], eps=0.12, **QUICK) for s in (slice(0, 2), slice(2, 4))]
+    np.testing.assert_allclose(np.concatenate(halves), whole, atol=1e-6)
+
+
+def test_early_exit_keeps_every_verdict():
+    kw = dict(key=jax.random.key(1), eps=0.12, return_info=True, **QUICK)
+    _, a = autoattack(toy, PARAMS, X, Y, **kw)
+    _, b = autoattack(toy, PARAMS, X, Y, early_exit=True, **kw)
+    np.testing.assert_array_equal(a["record"]["robust"], b["record"]["robust"])
