@@ -18,6 +18,7 @@ from typing import Any, Callable
 from jaxadv.attacks._core import AttackMeta, MinNormInfo, example_keys, meta, summed_cross_entropy
 from jaxadv.attacks.apgd import apgd, apgd_t
 from jaxadv.attacks.autoattack import autoattack
+from jaxadv.attacks.cw import cw
 from jaxadv.attacks.deepfool import deepfool
 from jaxadv.attacks.fab import fab, fab_t
 from jaxadv.attacks.fgsm import fgsm
@@ -38,6 +39,7 @@ def register(fn: Callable, name: str | None = None) -> Callable:
 register(fgsm)
 register(pgd)
 register(deepfool)
+register(cw)
 register(apgd)
 register(apgd_t)
 register(fab_t)
@@ -96,5 +98,5 @@ class Spec:
         return (x_adv, None) if return_info else x_adv
 
 
-__all__ = ["REGISTRY", "AttackMeta", "MinNormInfo", "Spec", "apgd", "apgd_t", "autoattack", "deepfool", "example_keys", "fab", "fab_t", "fgsm",
+__all__ = ["REGISTRY", "AttackMeta", "MinNormInfo", "Spec", "apgd", "apgd_t", "autoattack", "cw", "deepfool", "example_keys", "fab", "fab_t", "fgsm",
            "get", "meta", "pgd", "register", "square", "summed_cross_entropy"]  # fmt: skip
