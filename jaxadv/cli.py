@@ -436,6 +436,22 @@ def _host_devices_from_env() -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(n)}".strip()
 
 
+def _compilation_cache() -> None:
+    """Keep compiled XLA programs on disk (`$JAXADV_XLA_CACHE`, default ~/.cache/jaxadv/xla; "0": off).
+
+    Attacks compile a program per batch shape; a second run of the same command reuses them.
+    Set here, at the edge: the library never touches jax.config.
+    """
+    where = os.environ.get("JAXADV_XLA_CACHE")
+    if where == "0":
+        return
+    import jax
+
+    base = Path(os.environ.get("JAXADV_CACHE") or "~/.cache/jaxadv").expanduser()
+    jax.config.update("jax_compilation_cache_dir", str(Path(where) if where else base / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def _logging() -> logging.Logger:
     # Our own INFO lines only; orbax and absl log every save step at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
@@ -462,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     log = _logging()
+    _compilation_cache()
     from jaxadv.checkpoint import CheckpointError
     from jaxadv.data import DataError
 

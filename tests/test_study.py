@@ -12,7 +12,8 @@ from jaxadv.study import suites
 BASE = TrainConfig(name="tiny", model=ModelConfig(widths=(4, 8, 8), head=(16,)), batch_size=32, epochs=1, val_size=32,
                    log_every=4, patience=0, augment=False, defense=DefenseConfig(pgd_steps=2))  # fmt: skip
 SETTINGS = suites.Settings(eps=0.1, deepfool=(("max_iter", 5), ("num_candidates", 10), ("overshoot", 0.02)),
-                           pgd_steps=3, curve_eps=(0.0, 0.05, 0.1), curve_n=20)  # fmt: skip
+                           pgd_steps=3, curve_eps=(0.0, 0.05, 0.1), curve_n=20,
+                           autoattack_settings=(("n_iter", 4), ("n_queries", 10)))  # fmt: skip
 
 
 def _run(splits, out, **kw):
@@ -71,6 +72,11 @@ def test_the_extended_suite_extends_the_seed_cells(runs):
     assert all(len(v["pgd"]) == 3 for v in ext["curves"]["curves"].values())
     assert (out / "robustness_curves.png").stat().st_size > 1000
     assert "## Extended suite" in (out / "results.md").read_text()
+    aa = {(r["defense"], r["norm"]): r for r in ext["autoattack"]}
+    assert set(aa) == {(d, n) for d in suites.TRAINED + ("median_squeezing_adaptive",) for n in ("linf", "l2")}
+    for r in aa.values():  # AutoAttack includes APGD-CE, which is at least as strong as PGD-20 here
+        assert r["autoattack_pct"] <= cells[(r["defense"], "none")]["accuracy_pct"] and r["gap"] is not None
+    assert "## AutoAttack beside PGD-20" in (out / "results.md").read_text()
 
 
 def test_a_rerun_recomputes_nothing(runs, monkeypatch):

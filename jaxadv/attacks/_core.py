@@ -249,6 +249,44 @@ def active_index(active: np.ndarray, batch: int) -> tuple[int, jax.Array | None]
     return size, jnp.asarray(idx)
 
 
+def group_active(done: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Rows still to step: not done, and (with `groups`) no row of the same group done.
+
+    Groups tie together the copies of one point attacked towards several targets at once:
+    the point is fooled as soon as one copy is. Group -1 marks padding (never active).
+    """
+    if groups is None:
+        return ~done
+    hit = np.zeros(int(groups.max(initial=-1)) + 2, bool)
+    np.logical_or.at(hit, groups + 1, done)
+    return ~hit[groups + 1] & (groups >= 0)
+
+
+def replicate_targets(rows: np.ndarray, n_targets: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row of each copy, target slot of each copy, group of each copy) for attacking every row
+    towards `n_targets` targets in one batch, padded with group -1 to a bucket size."""
+    m = rows.size * n_targets
+    size = bucket(max(m, 1), 1 << 30)
+    rep = np.repeat(rows, n_targets)
+    slot = np.tile(np.arange(n_targets), rows.size)
+    group = np.repeat(np.arange(rows.size), n_targets)
+    pad = size - m
+    return (np.concatenate([rep, np.repeat(rep[-1:], pad)]), np.concatenate([slot, np.zeros(pad, slot.dtype)]),
+            np.concatenate([group, np.full(pad, -1)]))  # fmt: skip
+
+
+def first_success(fooled: np.ndarray, slot: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """For each group, the index of its fooled copy with the lowest target slot (-1: none).
+
+    The reference tries targets in turn and keeps the first that succeeds."""
+    best = np.full(n_groups, -1)
+    order = np.lexsort((slot, group))
+    for i in order:
+        if group[i] >= 0 and fooled[i] and best[group[i]] < 0:
+            best[group[i]] = i
+    return best
+
+
 # ---------------------------------------------------------------------------------------
 # Shared arithmetic
 # ---------------------------------------------------------------------------------------

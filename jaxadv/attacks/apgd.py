@@ -197,10 +197,11 @@ _step_kernel = _core.kernel(_step, static=("norm", "loss"))
 
 
 def run(apply_fn, params, x, y, y_target, keys, *, eps, norm, loss, n_iter, rho=0.75, random_start=True,
-        early_exit=False, clip_min=0.0, clip_max=1.0, counter=None):  # fmt: skip
+        early_exit=False, clip_min=0.0, clip_max=1.0, counter=None, groups=None):  # fmt: skip
     """One APGD run on a batch: (x_best_adv where fooled else x_best, fooled bool[B]).
 
     `counter`, a dict, accumulates the forward and backward passes (per example) spent.
+    `groups` (early exit only): rows of one group stop together once one of them is fooled.
     """
     lo, hi = jnp.float32(clip_min), jnp.float32(clip_max)
     eps = jnp.asarray(eps, jnp.float32)
@@ -222,7 +223,7 @@ def run(apply_fn, params, x, y, y_target, keys, *, eps, norm, loss, n_iter, rho=
                 s = step(s, *args)
                 passes += b
                 continue
-            active = ~np.asarray(s.fooled)
+            active = _core.group_active(np.asarray(s.fooled), groups)
             if not active.any():
                 break
             size, idx = _core.active_index(active, b)
@@ -251,6 +252,9 @@ def _robust_loop(apply_fn, params, x, y, keys, settings, *, n_restarts, targets,
     broke_with = np.full(x.shape[0], -1, np.int32)
     out = x.astype(jnp.float32)
     b = x.shape[0]
+    if early_exit and len(targets) > 1:
+        return _parallel_targets(apply_fn, params, x, y, keys, settings, order, fooled, broke_with, out,
+                                 n_restarts=n_restarts, targets=targets, counter=counter)  # fmt: skip
     for t_i, target_class in enumerate(targets):
         for r in range(n_restarts):
             todo = ~fooled
@@ -268,6 +272,30 @@ def _robust_loop(apply_fn, params, x, y, keys, settings, *, n_restarts, targets,
             out = out.at[rows].set(x_r[np.flatnonzero(keep)])
             fooled[rows] = True
             broke_with[rows] = t_i
+    return out, fooled, broke_with
+
+
+def _parallel_targets(apply_fn, params, x, y, keys, settings, order, fooled, broke_with, out, *, n_restarts, targets,
+                      counter):  # fmt: skip
+    """Early exit's APGD-T: every target of every robust point in one batch; a point stops as
+    soon as one of its copies is fooled (the verdict the reference reaches trying targets in
+    turn), keeping the lowest-ranked target among the copies fooled by then."""
+    x0 = x.astype(jnp.float32)
+    for r in range(n_restarts):
+        rows = np.flatnonzero(~fooled)
+        if rows.size == 0:
+            break
+        rep, slot, group = _core.replicate_targets(rows, len(targets))
+        rep_j, slot_j = jnp.asarray(rep), jnp.asarray(slot)
+        y_t = order[rep_j, -(jnp.asarray(targets)[slot_j])]
+        run_keys = jax.vmap(jax.random.fold_in)(keys[rep_j], slot_j * 1000 + r)
+        x_r, f_r = run(apply_fn, params, x0[rep_j], y[rep_j], y_t, run_keys, early_exit=True, counter=counter,
+                       groups=group, **settings)  # fmt: skip
+        best = _core.first_success(np.asarray(f_r), slot, group, rows.size)
+        hit = best >= 0
+        out = out.at[rows[hit]].set(x_r[best[hit]])
+        fooled[rows[hit]] = True
+        broke_with[rows[hit]] = slot[best[hit]]
     return out, fooled, broke_with
 
 

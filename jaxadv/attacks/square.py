@@ -86,7 +86,7 @@ def _draws(keys, it, shape, window, s, norm):
     def one(k):
         k = jax.random.fold_in(k, it)
         kv, kw, kv2, kw2, ks, kt = jax.random.split(k, 6)
-        corner = lambda kk, n: jnp.floor(jax.random.uniform(kk) * (n - s)).astype(jnp.int32)  # noqa: E731
+        corner = lambda kk, n: jnp.floor(jax.random.uniform(kk) * jnp.asarray(n - s, jnp.float32)).astype(jnp.int32)  # noqa: E731
         signs = jnp.sign(2.0 * jax.random.uniform(ks, (c,)) - 1.0)
         return corner(kv, h), corner(kw, w), corner(kv2, h), corner(kw2, w), signs, jax.random.uniform(kt) > 0.5
 
@@ -102,7 +102,7 @@ def _window_mask(vh, vw, s, h, w):
     return (rows[:, None] & cols[None, :])[:, :, None]
 
 
-def _proposal_linf(x0, x_best, keys, it, eps, lo, hi, *, s, window):
+def _proposal_linf(x0, x_best, keys, it, s, eps, lo, hi, *, window):
     h, w, c = x0.shape[1:]
     vh, vw, _, _, signs, _ = _draws(keys, it, (h, w, c), window, s, "linf")
     masks = jax.vmap(lambda a, b: _window_mask(a, b, s, h, w))(vh, vw)  # [B,h,w,1]
@@ -110,37 +110,57 @@ def _proposal_linf(x0, x_best, keys, it, eps, lo, hi, *, s, window):
     return jnp.clip(jnp.clip(x_new, x0 - eps, x0 + eps), lo, hi)
 
 
-def _proposal_l2(x0, x_best, keys, it, eps, lo, hi, eta_s, *, s, window):
+def eta_table(h: int, w: int) -> np.ndarray:
+    """eta(s) for every odd side s <= min(h, w), zero-padded to [n, smax, smax]; row (s - 3) // 2 holds side s."""
+    smax = min(h, w)
+    sides = list(range(3, smax + 1, 2))
+    table = np.zeros((max(len(sides), 1), smax, smax), np.float32)
+    for i, s in enumerate(sides):
+        table[i, :s, :s] = eta(s)
+    return table
+
+
+def _proposal_l2(x0, x_best, keys, it, s, eps, lo, hi, table, *, window):
+    """The reference's L2 update with a traced side s: every window is a mask of the full image."""
     h, w, c = x0.shape[1:]
+    smax = table.shape[-1]
     vh, vw, vh2, vw2, signs, transpose = _draws(keys, it, (h, w, c), window, s, "l2")
+    base = table[(s - 3) // 2]
 
     def one(x0, xb, vh, vw, vh2, vw2, sg, tr):
         delta = xb - x0
-        win1 = jax.lax.dynamic_slice(delta, (vh, vw, 0), (s, s, c))
         m1, m2 = _window_mask(vh, vw, s, h, w), _window_mask(vh2, vw2, s, h, w)
+        canvas = jax.lax.dynamic_update_slice(jnp.zeros((h + smax, w + smax), jnp.float32),
+                                              jnp.where(tr, base.T, base), (vh, vw))[:h, :w]  # fmt: skip
+        win1 = jnp.where(m1, delta, 0.0)
         n_win1 = jnp.sqrt(jnp.sum(win1**2, axis=(0, 1)))  # [c]
         n_img = jnp.sqrt(jnp.sum(delta**2))
         n_wins = jnp.sqrt(jnp.sum(jnp.where(m1 | m2, delta, 0.0) ** 2, axis=(0, 1)))
-        pattern = jnp.where(tr, eta_s.T, eta_s)[:, :, None] * sg[None, None, :]
-        nd = pattern + win1 / (1e-12 + n_win1)[None, None, :]
+        nd = canvas[:, :, None] * sg[None, None, :] + win1 / (1e-12 + n_win1)[None, None, :]
         scale = jnp.sqrt(jnp.maximum(eps**2 - n_img**2, 0.0) / c + n_wins**2)
         nd = nd / (1e-12 + jnp.sqrt(jnp.sum(nd**2, axis=(0, 1))))[None, None, :] * scale[None, None, :]
-        delta = jnp.where(m2, 0.0, delta)
-        delta = jax.lax.dynamic_update_slice(delta, nd, (vh, vw, 0))
+        delta = jnp.where(m1, nd, jnp.where(m2, 0.0, delta))  # W2 zeroed, then W1 written
         return jnp.clip(x0 + eps * delta / (jnp.sqrt(jnp.sum(delta**2)) + 1e-12), lo, hi)
 
     return jax.vmap(one)(x0, x_best, vh, vw, vh2, vw2, signs, transpose)
 
 
-def _step(apply_fn, params, x0, y, x_best, m_best, keys, it, eps, lo, hi, eta_s, *, s, norm, window):
-    """One iteration on the active points: propose, query once, accept if the margin drops."""
-    if norm == "linf":
-        x_new = _proposal_linf(x0, x_best, keys, it, eps, lo, hi, s=s, window=window)
-    else:
-        x_new = _proposal_l2(x0, x_best, keys, it, eps, lo, hi, eta_s, s=s, window=window)
-    m_new = margin(apply_fn(params, x_new), y)
-    accept = (m_new < m_best) | (m_new <= 0)
-    return jnp.where(bcast(accept), x_new, x_best), jnp.where(accept, m_new, m_best)
+def _chunk(apply_fn, params, x0, y, x_best, m_best, queries, keys, its, sides, valid, eps, lo, hi, table, *, k, norm,
+           window):  # fmt: skip
+    """k iterations (unrolled) on the points still active: propose, query, accept if the margin
+    drops or turns negative. A point fooled inside the chunk stops there, as in the reference."""
+    for j in range(k):
+        active = (m_best > 0) & valid[j]
+        if norm == "linf":
+            x_new = _proposal_linf(x0, x_best, keys, its[j], sides[j], eps, lo, hi, window=window)
+        else:
+            x_new = _proposal_l2(x0, x_best, keys, its[j], sides[j], eps, lo, hi, table, window=window)
+        m_new = margin(apply_fn(params, x_new), y)
+        accept = active & ((m_new < m_best) | (m_new <= 0))
+        x_best = jnp.where(bcast(accept), x_new, x_best)
+        m_best = jnp.where(accept, m_new, m_best)
+        queries = queries + active.astype(jnp.int32)
+    return x_best, m_best, queries
 
 
 def _init(apply_fn, params, x0, y, keys, eps, lo, hi, *, norm, window):
@@ -179,7 +199,8 @@ def _l2_tiles(keys, shape, window):
 
 
 _init_kernel = _core.kernel(_init, static=("norm", "window"))
-_step_kernel = _core.kernel(_step, static=("s", "norm", "window"))
+_chunk_kernel = _core.kernel(_chunk, static=("k", "norm", "window"))
+CHUNK = 10  # iterations per compiled call: fewer host round trips; points still leave the batch every chunk
 
 
 def run(apply_fn, params, x, y, keys, *, eps, norm, n_queries, p_init, window, clip_min, clip_max, counter=None):
@@ -189,24 +210,25 @@ def run(apply_fn, params, x, y, keys, *, eps, norm, n_queries, p_init, window, c
     x0 = x.astype(jnp.float32)
     b, h, w, _ = x0.shape
     x_best, m_best = _init_kernel(apply_fn, params, x0, y, keys, eps, lo, hi, norm=norm, window=window)
-    queries = np.ones(b, np.int64)
-    state = (x0, y, x_best, m_best, keys)
-    for it in range(n_queries - 1):
+    table = jnp.asarray(eta_table(h, w)) if norm == "l2" else jnp.zeros((1, 1, 1), jnp.float32)
+    state = (x0, y, x_best, m_best, jnp.ones(b, jnp.int32), keys)
+    n_it = n_queries - 1
+    for it0 in range(0, n_it, CHUNK):
         active = np.asarray(state[3]) > 0
         if not active.any():
             break
-        s = window_side(p_selection(p_init, it), h, w, norm)
-        eta_s = jnp.asarray(eta(s)) if norm == "l2" else jnp.zeros((1, 1), jnp.float32)
+        its = [it0 + j for j in range(CHUNK)]
+        sides = jnp.asarray([window_side(p_selection(p_init, i), h, w, norm) for i in its], jnp.int32)
+        valid = jnp.asarray([i < n_it for i in its])
         size, idx = _core.active_index(active, b)
         sub = state if idx is None else _core.gather_rows(state, idx, size=size)
-        xb, mb = _step_kernel(apply_fn, params, sub[0], sub[1], sub[2], sub[3], sub[4], jnp.int32(it), eps, lo, hi,
-                              eta_s, s=s, norm=norm, window=window)  # fmt: skip
+        out = _chunk_kernel(apply_fn, params, *sub[:5], sub[5], jnp.asarray(its, jnp.int32), sides, valid, eps, lo, hi,
+                            table, k=CHUNK, norm=norm, window=window)  # fmt: skip
         if idx is None:
-            state = (x0, y, xb, mb, keys)
+            state = (x0, y, *out, keys)
         else:
-            x_all, m_all = _core.scatter_rows((state[2], state[3]), (xb, mb), idx)
-            state = (x0, y, x_all, m_all, keys)
-        queries[active] += 1
+            state = (x0, y, *_core.scatter_rows(state[2:5], out, idx), keys)
+    queries = np.asarray(state[4]).astype(np.int64)
     if counter is not None:
         counter["forward"] = counter.get("forward", 0) + int(queries.sum())
     return state[2], state[3], queries

@@ -129,6 +129,7 @@ class Context:
     data_source: str = ""
     detector: dict = dataclasses.field(default_factory=lambda: {"val": 2000, "lam": 1.0, "fpr": 0.05})
     results: dict = dataclasses.field(default_factory=dict)  # Run -> per-example arrays
+    cells: list = dataclasses.field(default_factory=list)  # the cells evaluated last
     seconds: dict = dataclasses.field(default_factory=dict)  # run id -> seconds
 
 
@@ -228,6 +229,7 @@ def evaluate_cells(cells: list[Cell], ctx: Context) -> list[dict]:
       minimum-norm attacks ("success_rate_correct_pct", "norm_median", ...) and, for
       detector cells, "detection_rate" etc.
     """
+    ctx.cells = list(cells)
     order, size, keep = _plan(cells, len(ctx.test))
     for i, run in enumerate(order):
         ctx.log(f"[{i + 1}/{len(order)}] {run.id} on {size[run]} test images")

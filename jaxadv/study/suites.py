@@ -49,14 +49,36 @@ class Settings:
     ext_n: int | None = None
     curve_n: int = 1000
     curve_eps: tuple[float, ...] = tuple(float(e) for e in np.linspace(0.0, 0.1, 8).round(4))
+    # AutoAttack (standard) beside PGD-20 for every trained model: (norm, eps) pairs. Early
+    # exit keeps AutoAttack's verdicts and skips the iterations spent on fooled points.
+    autoattack: tuple = (("linf", 8 / 255), ("l2", 0.5))
+    autoattack_settings: tuple = ()  # overrides of AutoAttack's own, e.g. (("n_iter", 10),) for a smoke run
 
 
 def pgd_name(eps: float) -> str:
     return "pgd_8/255" if abs(eps - 8 / 255) < 1e-9 else f"pgd_{eps:g}"
 
 
-def pgd_spec(eps: float, steps: int) -> Spec:
-    return Spec("pgd", eps=eps, steps=steps, step_size=2.5 * eps / steps)
+def pgd_spec(eps: float, steps: int, norm: str = "linf") -> Spec:
+    if norm == "linf":  # the 0.1 spec, unchanged: stored runs stay valid
+        return Spec("pgd", eps=eps, steps=steps, step_size=2.5 * eps / steps)
+    return Spec("pgd", eps=eps, steps=steps, step_size=2.5 * eps / steps, norm=norm)
+
+
+def budget_name(norm: str, eps: float) -> str:
+    e = "8/255" if abs(eps - 8 / 255) < 1e-9 else f"{eps:g}"
+    return e if norm == "linf" else f"l2_{e}"
+
+
+def autoattack_columns(s: "Settings") -> dict:
+    """{column: spec} of the AutoAttack cells and the PGD-20 cells they are compared with."""
+    cols = {}
+    for norm, eps in s.autoattack:
+        if norm != "linf" or not any(abs(eps - e) < 1e-12 for e in s.pgd_eps):
+            cols[f"pgd_{budget_name(norm, eps)}"] = pgd_spec(eps, s.pgd_steps, norm)
+        cols[f"aa_{budget_name(norm, eps)}"] = Spec("autoattack", eps=eps, norm=norm, early_exit=True,
+                                                    **dict(s.autoattack_settings))
+    return cols
 
 
 def model_configs(base: TrainConfig, s: Settings, *, extended: bool = False) -> dict[str, TrainConfig]:
@@ -96,10 +118,11 @@ def extended_cells(s: Settings) -> list[Cell]:
         cells.extend(Cell(row, col, model or row, spec, protocol, source=source, n=n, table="extended")
                      for col, spec in cols.items())
 
+    aa = autoattack_columns(s)
     for row in TRAINED:
-        add(row, ({**study_cols, **pgd} if row in NEW_MODELS else pgd))
+        add(row, ({**study_cols, **pgd, **aa} if row in NEW_MODELS else {**pgd, **aa}))
     add("median_squeezing", pgd, protocol="transfer", source="none")
-    add("median_squeezing_adaptive", {**study_cols, **pgd}, model="median_squeezing", protocol="adaptive")
+    add("median_squeezing_adaptive", {**study_cols, **pgd, **aa}, model="median_squeezing", protocol="adaptive")
     add("detector", {**study_cols, **pgd}, model="none", protocol="detector")
     add("detector_adaptive", pgd, model="none", protocol="detector_adaptive")
     cells += curve_cells(s)
