@@ -36,8 +36,19 @@ from jaxadv.attacks import autoattack
 ORDER = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
-def reference(model_t, x: np.ndarray, y: np.ndarray, *, eps: float, norm: str, batch_size: int, seed: int = 0):
-    """pyautoattack 'standard': (robust flags, {attack: (robust accuracy %, seconds)}, seconds)."""
+def _set_iterations(attack, n_iter: int) -> None:
+    """A reference APGD/FAB with another iteration count (APGD fixes its schedule in __init__)."""
+    attack.n_iter = attack.n_iter_orig = n_iter
+    if hasattr(attack, "n_iter_2"):
+        attack.n_iter_2 = max(int(0.22 * n_iter), 1)
+        attack.n_iter_min = max(int(0.06 * n_iter), 1)
+        attack.size_decr = max(int(0.03 * n_iter), 1)
+
+
+def reference(model_t, x: np.ndarray, y: np.ndarray, *, eps: float, norm: str, batch_size: int, seed: int = 0,
+              n_iter: int = 100, n_queries: int = 5000):  # fmt: skip
+    """pyautoattack 'standard' (or its order with a smaller budget): (robust flags,
+    {attack: (robust accuracy %, seconds)}, seconds, log lines)."""
     import torch
     from pyautoattack import AutoAttack
 
@@ -56,6 +67,10 @@ def reference(model_t, x: np.ndarray, y: np.ndarray, *, eps: float, norm: str, b
     try:
         adversary = AutoAttack(model_t, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard",
                                seed=seed, device="cpu")  # fmt: skip
+        if (n_iter, n_queries) != (100, 5000):
+            for attack in (adversary.apgd, adversary.apgd_targeted, adversary.fab):
+                _set_iterations(attack, n_iter)
+            adversary.square.n_queries = n_queries
         xt, yt = torch.from_numpy(nhwc_to_nchw(x)), torch.from_numpy(y.astype(np.int64))
         t0 = time.perf_counter()
         x_adv, _ = adversary.run_standard_evaluation(xt, yt, batch_size=batch_size)
@@ -79,11 +94,12 @@ def reference(model_t, x: np.ndarray, y: np.ndarray, *, eps: float, norm: str, b
     return robust, per, seconds, records
 
 
-def ours(apply_fn, params, x, y, *, eps, norm, early_exit, square_window):
+def ours(apply_fn, params, x, y, *, eps, norm, early_exit, square_window, n_iter=100, n_queries=5000):
     t0 = time.perf_counter()
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), jnp.arange(len(y), dtype=jnp.uint32))
     _, info = autoattack(apply_fn, params, jnp.asarray(x), jnp.asarray(y), key=keys, eps=eps, norm=norm,
-                         early_exit=early_exit, square_window=square_window, return_info=True)  # fmt: skip
+                         early_exit=early_exit, square_window=square_window, n_iter=n_iter, n_queries=n_queries,
+                         return_info=True)  # fmt: skip
     seconds = time.perf_counter() - t0
     n = len(y)
     per = {t["name"]: (100.0 * t["robust"] / n, t["seconds"], t["passes"], t.get("attacked", 0))
@@ -100,12 +116,22 @@ def main(argv=None) -> int:
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--batch-size", type=int, default=250, help="the reference's batch size (its default)")
     p.add_argument("--skip", default="", help="comma-separated of reference,faithful,early")
+    p.add_argument("--warm", action="store_true",
+                   help="also time jaxadv a second time, its compiled programs then read from the on-disk cache (as a "
+                   "second `jaxadv autoattack` run, or a run on another checkpoint of the same architecture, does)")
+    p.add_argument("--xla-cache", default=str(Path("~/.cache/jaxadv/xla-bench").expanduser()),
+                   help="the compilation cache of the timed runs (cleared first, so the first run is cold)")
     p.add_argument("--reuse", action="store_true",
                    help="keep the runs already in --out (same checkpoint, points and budget) instead of rerunning them")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     eps = float(Fraction(args.eps))
     skip = set(filter(None, args.skip.split(",")))
+    import shutil
+
+    shutil.rmtree(args.xla_cache, ignore_errors=True)  # the first jaxadv run compiles from scratch
+    jax.config.update("jax_compilation_cache_dir", args.xla_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     import torch
 
     from benchmarks.peers import to_torch
@@ -141,8 +167,11 @@ def main(argv=None) -> int:
         runs["reference"] = {"robust": robust, "per": per, "seconds": seconds, "log": log_lines}
         save()
         print(f"reference: robust {100 * robust.mean():.1f}% in {seconds:.0f}s {per}", flush=True)
-    for name, early, window in (("faithful", False, "batch"), ("early", True, "image")):
-        if name in skip:
+    modes = [("faithful", False, "batch"), ("early", True, "image")]
+    if args.warm:
+        modes += [("faithful_warm", False, "batch"), ("early_warm", True, "image")]
+    for name, early, window in modes:
+        if name in skip or name.split("_")[0] in skip:
             continue
         robust, per, seconds, flags = ours(apply_fn, variables, x, y, eps=eps, norm=args.norm, early_exit=early,
                                            square_window=window)  # fmt: skip

@@ -35,6 +35,39 @@ def test_projections_reach_the_hyperplane_inside_the_box_when_they_can(proj, get
     np.testing.assert_allclose(np.sum(w * (t + d), 1), b, atol=2e-4)
 
 
+def _exact_projection(t, w, b, norm):
+    """Float64, row by row: the KKT solution by a 200-step bisection on its multiplier."""
+    out, unreachable = np.zeros_like(t), np.zeros(len(t), bool)
+    for i in range(len(t)):
+        c = w[i] @ t[i] - b[i]
+        wi, c = w[i] * np.sign(c or 1.0), abs(c)
+        aw = np.abs(wi) * (np.abs(wi) >= (1e-8 if norm == "l2" else 0))
+        room, direction = np.where(wi < 0, 1 - t[i], t[i]), np.where(wi < 0, 1.0, -1.0)
+        step = (lambda z: np.minimum(z, room)) if norm == "linf" else (lambda z: np.minimum(z * aw, room))
+        unreachable[i] = c >= np.sum(aw * room)  # then every coordinate goes to the edge of the box
+        lo, hi = 0.0, 1e9
+        for _ in range(200):
+            lo, hi = ((lo + hi) / 2, hi) if np.sum(aw * step((lo + hi) / 2)) <= c else (lo, (lo + hi) / 2)
+        out[i] = np.where(aw > 0, direction * (room if unreachable[i] else step(lo)), 0.0)
+    return out, unreachable
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_projections_match_a_float64_solution_with_ties_edges_and_zero_weights(norm):
+    rng = np.random.default_rng(0)
+    t = rng.uniform(0, 1, (48, 200))
+    t[:, :20] = rng.choice([0.0, 1.0], (48, 20))  # pixels on the edge of the box
+    t[:, 20:40] = 0.5  # ties in the breakpoints
+    w = rng.standard_normal((48, 200)) * rng.choice([1e-3, 1.0, 30.0], (48, 1))
+    w[:, 40:60] = 0.0
+    b = np.sum(w * t, 1) + rng.choice([0.01, 0.3, 3.0], 48) * rng.standard_normal(48) * np.abs(w).sum(1) * 0.3
+    t, w, b = (a.astype(np.float32) for a in (t, w, b))
+    f = fab_module.projection_linf if norm == "linf" else fab_module.projection_l2
+    want, unreachable = _exact_projection(*(a.astype(np.float64) for a in (t, w, b)), norm)
+    assert 0 < unreachable.mean() < 0.5
+    np.testing.assert_allclose(np.asarray(jax.jit(f)(t, w, b)), want, atol=2e-6)
+
+
 @pytest.mark.parametrize("norm, eps, want, pred", [
     ("linf", 0.3, [0.176299, 0.238779, 0.119168, 0.179973], [2, 3, 1, 2]),
     ("l2", 1.0, [0.362943, 0.779855, 0.273903, 0.370173], None),

@@ -92,7 +92,7 @@ def test_adaptive_detector_attack_fools_with_lower_detector_scores(trained_cnn):
     apply_fn, params, x, _ = trained_cnn
     y = jnp.argmax(apply_fn(params, x), -1)
     sq = (squeeze.bit_depth_squeezer(2), squeeze.median_squeezer(2))
-    kw = dict(eps=0.3, step_size=0.03, steps=30, key=jax.random.key(0))
+    kw = dict(eps=0.3, step_size=0.03, steps=30, key=jax.random.key(0), unroll=False)  # compiles in seconds
     fooled = lambda z: np.asarray(jnp.argmax(apply_fn(params, z), -1) != y)  # noqa: E731
     score = lambda z: np.asarray(detect.score(apply_fn, params, z, sq))  # noqa: E731
     blind = pgd(apply_fn, params, x, y, objective=detect.adaptive_objective(apply_fn, sq, lam=0.0), **kw)

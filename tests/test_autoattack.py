@@ -71,6 +71,9 @@ def test_the_flags_fire_on_a_randomized_and_on_a_softmax_model():
     from jaxadv.attacks.autoattack import sanity_flags
 
     assert not any(sanity_flags(toy, PARAMS, X, Y)[k] for k in ("randomized", "probabilities"))
+    mixed = jnp.asarray([0, 1, 2, 3], jnp.int32)  # some points right, some wrong: still deterministic
+    assert 0 < np.mean(np.asarray(toy(PARAMS, X)).argmax(-1) == np.asarray(mixed)) < 1
+    assert not sanity_flags(toy, PARAMS, X, mixed)["randomized"]
     assert sanity_flags(noisy, PARAMS, X, Y)["randomized"]
     assert sanity_flags(softmax_model, PARAMS, X, Y)["probabilities"]
 

@@ -3,7 +3,9 @@
 Needs the peers extra (`pip install -e '.[bench-peers]'`): torch and pyautoattack. Without
 them the test is skipped and says so. The reference's random numbers come from torch, ours
 from JAX, so agreement is statistical: per attack, robust accuracy within 1 point on 200
-points of a small CNN trained on 10 synthetic classes.
+points of a small CNN trained on 10 synthetic classes. Both run the standard order with
+the same smaller budget (20 APGD/FAB iterations, 300 Square queries; the reference's APGD
+schedule recomputed for it), so that the test takes a minute instead of ten.
 """
 
 import numpy as np
@@ -36,12 +38,13 @@ def test_per_attack_robust_accuracy_agrees_with_the_reference(trained):
     from jaxadv.models import make_apply
 
     model, variables, x, y = trained
-    eps = 4 / 255
-    robust_ref, per_ref, _, _ = ref.reference(to_torch(model, variables), x, y, eps=eps, norm="linf", batch_size=200)
+    eps, budget = 8 / 255, dict(n_iter=20, n_queries=300)
+    robust_ref, per_ref, _, _ = ref.reference(to_torch(model, variables), x, y, eps=eps, norm="linf", batch_size=200,
+                                              **budget)  # fmt: skip
     robust, per, _, flags = ref.ours(make_apply(model), variables, x, y, eps=eps, norm="linf", early_exit=False,
-                                     square_window="batch")  # fmt: skip
+                                     square_window="batch", **budget)  # fmt: skip
     clean = float(np.mean(np.asarray(make_apply(model)(variables, x)).argmax(-1) == y))
-    assert 0.3 < clean and 0.02 < robust_ref.mean() < clean, "premise: an evaluation with something to find"
+    assert 0.3 < clean and 0.02 < robust_ref.mean() < clean - 0.2, "premise: an evaluation with something to find"
     for name in ref.ORDER:
         if name in per_ref:
             assert abs(per[name][0] - per_ref[name][0]) <= 1.0, (name, per[name][0], per_ref[name][0])

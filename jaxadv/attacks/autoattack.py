@@ -82,7 +82,7 @@ def sanity_flags(apply_fn, params, x, y) -> dict:
     outs = [np.asarray(apply_fn(params, x), np.float64) for _ in range(5)]
     normed = [o / (np.linalg.norm(o, axis=1, keepdims=True) + 1e-10) for o in outs]
     diff = max(float(np.max(np.linalg.norm(a - b, axis=1))) for i, a in enumerate(normed) for b in normed[i + 1:])
-    correct = [int(np.sum(o.argmax(1) == np.asarray(y))) for o in outs]
+    n_correct = [int(np.sum(o.argmax(1) == np.asarray(y))) for o in outs]
     o = outs[0]
     probabilities = bool(o.max() < 1 + 1e-5 and o.min() > -1e-5 and np.all(np.abs(o.sum(-1) - 1) < 1e-5))
     k = o.shape[-1]
@@ -90,7 +90,7 @@ def sanity_flags(apply_fn, params, x, y) -> dict:
     if k >= 3:  # on the points the attacks will see: the correctly classified ones
         correct = o.argmax(1) == np.asarray(y)
         zero = int(np.sum(np.asarray(_zero_grad_kernel(apply_fn, params, x, y)) & correct))
-    return {"randomized": bool(diff > 1e-4 or len(set(correct)) > 1), "probabilities": probabilities,
+    return {"randomized": bool(diff > 1e-4 or len(set(n_correct)) > 1), "probabilities": probabilities,
             "zero_gradients": zero, "n_classes": k}  # fmt: skip
 
 
