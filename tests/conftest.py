@@ -10,6 +10,10 @@ import pytest
 # promotion or on mixing dtypes (f32 with f64, ints with floats) without saying so.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# In-process CLI calls would turn on the persistent compilation cache for every later test
+# (a global jax.config switch); CI crashed once in XLA while compiling into it. Tests
+# compile in memory only.
+os.environ["JAXADV_XLA_CACHE"] = "0"
 
 
 @pytest.fixture
