@@ -354,4 +354,4 @@ def test_deepfool_bucket_sizes_cover_the_count_with_bounded_padding(batch):
         size = deepfool_module._bucket(count, batch)
         assert count <= size <= batch
         assert size == batch or size - count < max(8, count / 4)
-    assert len(sizes) <= 27
+    assert len(sizes) <= 24

@@ -224,19 +224,14 @@ def scatter_rows(tree, sub, idx):
 def bucket(count: int, batch: int) -> int:
     """The compiled sub-batch size for `count` >= 1 active examples.
 
-    1, 2 or 4 below 5 (the last robust points: a forward pass of the study's CNN costs
-    1.1 ms at batch 1 and 6.4 ms at batch 8 on the 2-core CPU, so Square's 5,000 queries on
-    one point take 6 s instead of 28 s); otherwise `count` rounded up to a multiple of
-    max(8, 2^(floor(log2 count) - 2)): multiples of 8 up to 64, then four sizes per doubling
-    (80, 96, 112, 128, 160, ...), so padding adds fewer than 8 rows below 64 and under 25 %
-    above; or the whole batch once that size would exceed 3/4 of it.
-    Each size compiles once (~1.3 s for the study's CNN on CPU): 14 sizes for a batch of
-    128, 26 for 1024. Measured at batch 128 (2-core CPU, trained CNN, timed in turn):
+    `count` rounded up to a multiple of max(8, 2^(floor(log2 count) - 2)): multiples of 8
+    up to 64, then four sizes per doubling (80, 96, 112, 128, 160, ...), so padding adds
+    fewer than 8 rows below 64 and under 25 % above; or the whole batch once that size
+    would exceed 3/4 of it.
+    Each size compiles once (~1.3 s for the study's CNN on CPU): 11 sizes for a batch of
+    128, 23 for 1024. Measured at batch 128 (2-core CPU, trained CNN, timed in turn):
     1.21x the speed of power-of-two sizes.
     """
-    if count <= 4:
-        size = 1 << (count - 1).bit_length()
-        return batch if size * 4 > batch * 3 else size
     step = max(8, 1 << max(count.bit_length() - 3, 0))
     size = -(-count // step) * step
     return batch if size * 4 > batch * 3 else size

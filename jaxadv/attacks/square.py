@@ -213,27 +213,21 @@ def run(apply_fn, params, x, y, keys, *, eps, norm, n_queries, p_init, window, c
     table = jnp.asarray(eta_table(h, w)) if norm == "l2" else jnp.zeros((1, 1, 1), jnp.float32)
     state = (x0, y, x_best, m_best, jnp.ones(b, jnp.int32), keys)
     n_it = n_queries - 1
-    its_all = np.arange(-(-n_it // CHUNK) * CHUNK, dtype=np.int32)
-    sides_all = jnp.asarray([window_side(p_selection(p_init, int(i)), h, w, norm) for i in its_all], jnp.int32)
-    its_dev, valid_all = jnp.asarray(its_all), jnp.asarray(its_all < n_it)
-    # The rows being stepped: the whole batch, or the active rows gathered into a smaller
-    # compiled size. They are re-gathered only when the active count fits a smaller size
-    # (rows fooled meanwhile are frozen by the kernel), so a chunk costs one host sync.
-    sub, idx, size, real = state, None, b, np.ones(b, bool)
-    for c0 in range(0, n_it, CHUNK):
-        count = int(np.sum((np.asarray(sub[3]) > 0) & real))
-        if count == 0:
+    for it0 in range(0, n_it, CHUNK):
+        active = np.asarray(state[3]) > 0
+        if not active.any():
             break
-        if _core.bucket(count, b) < size:
-            state = sub if idx is None else (x0, y, *_core.scatter_rows(state[2:5], sub[2:5], idx), keys)
-            size, idx = _core.active_index(np.asarray(state[3]) > 0, b)
-            sub = _core.gather_rows(state, idx, size=size)
-            real = np.asarray(idx) < b
-        part = slice(c0, c0 + CHUNK)
-        out = _chunk_kernel(apply_fn, params, *sub[:5], sub[5], its_dev[part], sides_all[part], valid_all[part], eps,
-                            lo, hi, table, k=CHUNK, norm=norm, window=window)  # fmt: skip
-        sub = (sub[0], sub[1], *out, sub[5])
-    state = sub if idx is None else (x0, y, *_core.scatter_rows(state[2:5], sub[2:5], idx), keys)
+        its = [it0 + j for j in range(CHUNK)]
+        sides = jnp.asarray([window_side(p_selection(p_init, i), h, w, norm) for i in its], jnp.int32)
+        valid = jnp.asarray([i < n_it for i in its])
+        size, idx = _core.active_index(active, b)
+        sub = state if idx is None else _core.gather_rows(state, idx, size=size)
+        out = _chunk_kernel(apply_fn, params, *sub[:5], sub[5], jnp.asarray(its, jnp.int32), sides, valid, eps, lo, hi,
+                            table, k=CHUNK, norm=norm, window=window)  # fmt: skip
+        if idx is None:
+            state = (x0, y, *out, keys)
+        else:
+            state = (x0, y, *_core.scatter_rows(state[2:5], out, idx), keys)
     queries = np.asarray(state[4]).astype(np.int64)
     if counter is not None:
         counter["forward"] = counter.get("forward", 0) + int(queries.sum())
