@@ -11,7 +11,7 @@ import pytest
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 # In-process CLI calls would turn on the persistent compilation cache for every later test
-# (a global jax.config switch); CI crashed once in XLA while compiling into it. Tests
+# (a global jax.config switch), so later tests would depend on which ran before. Tests
 # compile in memory only.
 os.environ["JAXADV_XLA_CACHE"] = "0"
 

@@ -6,8 +6,9 @@ onto a hyperplane), takes a convex combination biased towards the clean point, a
 adversarial, pulls back towards the clean point to shrink the perturbation. A port of the
 AutoAttack reference (`fab_base.py`, `fab_pt.py`, `fab_projections.py`): alpha_max 0.1,
 eta 1.05, beta 0.9, 100 iterations, random start of radius eps/2 for restarts after the
-first only, the projections (solved by bisection on float bits instead of a sort), success = misclassified with
-||x_adv - x|| <= eps, targets in turn (FAB-T) with the first success winning.
+first only, the reference's projections (solved by bisection on float bits instead of a
+sort), success = misclassified with ||x_adv - x|| <= eps, targets in turn (FAB-T) with
+the first success winning.
 
 As in AutoAttack, `fab`/`fab_t` are budgeted attacks: a point counts as fooled only with
 a perturbation inside the eps ball, and only those come back perturbed.
