@@ -37,7 +37,10 @@ def save(directory: str | os.PathLike, step: int, state: Any, meta: dict, *, max
     Keeps the newest `max_to_keep` steps. Blocks until the checkpoint is on disk.
     """
     # Hand orbax host copies: it then runs no device programs of its own, which on a
-    # multi-device host could interleave with the training step's collectives.
+    # multi-device host could interleave with the training step's collectives. With many
+    # processes every one of them calls this (the state is replicated, so each holds the
+    # whole value); orbax's multi-process path synchronizes them through the distributed
+    # runtime and commits the step once, from process 0.
     state = jax.device_get(state)
     with _manager(directory, max_to_keep=max_to_keep) as mngr:
         mngr.save(

@@ -83,6 +83,17 @@ def _add_data_flags(p: argparse.ArgumentParser, *, train: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")  # fmt: skip
 
 
+def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("many processes (JAX's distributed runtime; `python -m jaxadv.launch` sets these)")
+    g.add_argument("--coordinator", default=None,
+                   help="HOST:PORT of process 0, or 'auto' for the cluster detection of jax.distributed "
+                   "(SLURM, TPU pods); default $JAXADV_COORDINATOR, else one process")
+    g.add_argument("--num-processes", type=_positive_int, default=None, help="processes in the job ($JAXADV_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=_nonneg_int, default=None, help="this process's id ($JAXADV_PROCESS_ID)")
+    g.add_argument("--join-timeout", type=_positive_int, default=None,
+                   help="seconds to wait for every process to join (default $JAXADV_JOIN_TIMEOUT or 300)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (no usage block) and exit code 2."""
 
@@ -215,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(e, train=False)
     e.add_argument("--seed", type=int, default=0, help="seed of the test order (--test-subset)")
     e.add_argument("--out", default=None, help="write the summary JSON here")
+    for name in ("train", "study", "attack", "autoattack", "evaluate"):
+        _add_distributed_flags(sub.choices[name])
     b = sub.add_parser("bench", add_help=False,
                        help="the benchmark harness (python -m benchmarks.run; run from the source tree)",
                        description="Same as `python -m benchmarks.run ARGS`; `jaxadv bench --help` lists its flags.")
@@ -477,10 +490,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    log = _logging()
-    _compilation_cache()
+    from jaxadv import distributed
     from jaxadv.checkpoint import CheckpointError
     from jaxadv.data import DataError
+
+    try:  # before anything starts a JAX backend
+        if hasattr(args, "coordinator"):
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id, timeout=args.join_timeout)
+    except distributed.DistributedError as e:
+        print(f"jaxadv {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    log = _logging()
+    if not distributed.is_primary():
+        # Process 0 reports; the others say only what goes wrong (warnings, errors).
+        log.setLevel(logging.WARNING)
+        args.no_progress = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    _compilation_cache()
 
     try:
         return COMMANDS[args.command](args, log)

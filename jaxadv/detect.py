@@ -66,12 +66,15 @@ def adaptive_objective(apply_fn: ApplyFn, squeezers: tuple[Squeezer, ...], lam: 
 
 def scores(apply_fn, params, images: np.ndarray, squeezers: Sequence[Squeezer], *, batch_size: int = 500):
     """Scores f32[N] of a dataset (u8 or f32 images), in padded batches sharded over all devices."""
+    from jaxadv import distributed, evaluation
     from jaxadv.evaluation import batches
 
     squeezers = tuple(squeezers)
     out = []
+    params = evaluation.local_params(params)
     for _, b in batches(images, np.zeros(len(images), np.int32), batch_size=batch_size):
-        out.append(np.asarray(_score_jit(apply_fn, params, b.x, squeezers))[: b.stop - b.start])
+        score = np.asarray(_score_jit(apply_fn, params, b.x, squeezers))
+        out.append(distributed.gather({"s": score})["s"][: b.stop - b.start])
     return np.concatenate(out)
 
 

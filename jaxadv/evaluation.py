@@ -3,9 +3,12 @@ images, under any attack, or on given inputs (the transfer protocol).
 
 Every batch has the same shape (the last one is padded by repeating its last example and
 masked out of the sums), so each model and attack compiles once. Batches are split over
-all local devices (a 1-D "batch" mesh, params replicated), as in training. Attack keys
-are folded per example from its dataset index, so a result does not depend on the batch
-size, the order of the examples or the number of devices.
+all local devices (a 1-D "batch" mesh, params replicated), as in training. With several
+processes (`jaxadv.distributed`) each process takes its slice of every global batch,
+evaluates or attacks it on its own devices, and the per-example results are gathered, so
+every process ends with the whole result. Attack keys are folded per example from its
+dataset index, so a result does not depend on the batch size, the order of the examples,
+the number of devices or of processes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv import attacks, io, parallel
+from jaxadv import attacks, distributed, io, parallel
 from jaxadv.losses import cross_entropy
 
 
@@ -45,19 +48,20 @@ def pad_to(x: np.ndarray, pad: int) -> np.ndarray:
 
 
 class Batch(NamedTuple):
-    """One fixed-size batch, on device and sharded over the mesh."""
+    """This process's rows of one fixed-size batch, on device and sharded over its mesh."""
 
     x: jax.Array  # f32[B,H,W,C] in [0, 1]
     y: jax.Array  # i32[B]
     mask: jax.Array  # bool[B], False on padding
     index: np.ndarray  # int64[B] dataset indices (padding repeats the last one)
-    start: int  # position of the first example in the evaluated arrays
-    stop: int  # one past the last real example
+    start: int  # position of the global batch's first example in the evaluated arrays
+    stop: int  # one past its last real example
+    rows: slice = slice(None)  # this process's rows of the padded global batch
 
 
 def batch_size_for(n: int, batch_size: int, mesh) -> int:
-    """min(batch_size, n) rounded up to a multiple of the device count."""
-    ndev = mesh.devices.size
+    """min(batch_size, n) rounded up to a multiple of the device count of all processes."""
+    ndev = mesh.devices.size * distributed.process_count()
     return -(-min(batch_size, max(n, 1)) // ndev) * ndev
 
 
@@ -65,28 +69,32 @@ def batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, index: n
             mesh=None, skip: Callable[[int], bool] = lambda i: False) -> Iterator[tuple[int, Batch | None]]:  # fmt: skip
     """Yield `(i, Batch)` for every fixed-size batch (`(i, None)` where `skip(i)`).
 
+    With several processes, each yields its own rows of every batch (see `Batch.rows`).
+
     Args:
       images: u8 or f32 [N,H,W,C] host array (or memory map).
       labels: int[N].
       batch_size: examples per batch (rounded up to a multiple of the device count).
       index: int[N] dataset indices of the examples (default arange(N)).
-      mesh: the device mesh (default: all local devices).
-      skip: batches for which nothing needs to be loaded (e.g. already stored).
+      mesh: this process's device mesh (default: all its devices).
+      skip: batches for which nothing needs to be loaded (e.g. already stored); every
+        process must skip the same ones.
     """
-    mesh = mesh or parallel.batch_mesh()
+    mesh = mesh or parallel.local_mesh()
     n = len(labels)
     index = np.arange(n) if index is None else np.asarray(index)
     bs = batch_size_for(n, batch_size, mesh)
+    rows = distributed.slice_rows(bs)
     sharding = parallel.batch_sharded(mesh)
     for i, (start, stop, pad) in enumerate(pad_batches(n, bs)):
         if skip(i):
             yield i, None
             continue
-        x = to_float(pad_to(np.asarray(images[start:stop]), pad))
-        y = pad_to(np.asarray(labels[start:stop]).astype(np.int32), pad)
-        mask = np.arange(bs) < (stop - start)
+        x = to_float(pad_to(np.asarray(images[start:stop]), pad)[rows])
+        y = pad_to(np.asarray(labels[start:stop]).astype(np.int32), pad)[rows]
+        mask = (np.arange(bs) < (stop - start))[rows]
         x, y, mask = jax.device_put((x, y, mask), sharding)
-        yield i, Batch(x, y, mask, pad_to(index[start:stop], pad), start, stop)
+        yield i, Batch(x, y, mask, pad_to(index[start:stop], pad)[rows], start, stop, rows)
 
 
 def eval_step(apply_fn, params, x, y, mask) -> dict:
@@ -117,20 +125,31 @@ def summarize(sums: list[dict]) -> dict:
 
 def evaluate(apply_fn, params, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 1000) -> dict:
     """Clean accuracy (%) and mean cross-entropy over a dataset: `{"accuracy_pct", "loss", "n"}`."""
-    mesh = parallel.batch_mesh()
-    params = jax.device_put(params, parallel.replicated(mesh))
+    mesh = parallel.local_mesh()
+    params = local_params(params, mesh)
     sums = [_eval_step_jit(apply_fn, params, b.x, b.y, b.mask)
             for _, b in batches(images, labels, batch_size=batch_size, mesh=mesh)]  # fmt: skip
-    return summarize(jax.device_get(sums))
+    sums = jax.device_get([{k: s[k] for k in ("loss", "correct", "count")} for s in sums])
+    return summarize([{k: v.sum() for k, v in distributed.gather(s).items()} for s in sums])
 
 
 def predict(apply_fn, params, images: np.ndarray, *, batch_size: int = 1000) -> np.ndarray:
     """Predicted class ids i32[N] for u8 or f32 images."""
     labels = np.zeros(len(images), np.int32)
+    mesh = parallel.local_mesh()
+    params = local_params(params, mesh)
     out = []
-    for _, b in batches(images, labels, batch_size=batch_size):
-        out.append(np.asarray(_eval_step_jit(apply_fn, params, b.x, b.y, b.mask)["pred"])[: b.stop - b.start])
+    for _, b in batches(images, labels, batch_size=batch_size, mesh=mesh):
+        pred = np.asarray(_eval_step_jit(apply_fn, params, b.x, b.y, b.mask)["pred"])
+        out.append(distributed.gather({"pred": pred})["pred"][: b.stop - b.start])
     return np.concatenate(out)
+
+
+def local_params(params, mesh=None):
+    """`params` replicated on this process's devices (from host arrays, or from the global
+    arrays of a multi-process training)."""
+    mesh = mesh or parallel.local_mesh()
+    return jax.device_put(distributed.local(params), parallel.replicated(mesh))
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,11 +168,23 @@ class BatchStore:
         self.dir = Path(directory)
         meta = self.dir / "fingerprint.json"
         want = io.json_safe(fingerprint)
-        if meta.exists() and io.read_json(meta) != want:
+        if distributed.is_primary() and meta.exists() and io.read_json(meta) != want:
             for f in self.dir.glob("batch_*.npz"):
                 f.unlink()
         if not meta.exists() or io.read_json(meta) != want:
             io.write_json(meta, want)
+        distributed.barrier("jaxadv-batch-store")  # nobody reads what process 0 is clearing
+
+    def finished(self, total: int) -> Callable[[int], bool]:
+        """`skip(i)` for `batches`: the batches already stored, as process 0 sees them, so
+        that every process skips the same ones (with many processes, OUT must be on a
+        filesystem they share, as for checkpoints)."""
+        mask = np.array([self.has(i) for i in range(total)], bool)
+        if distributed.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
+        return lambda i: bool(mask[i])
 
     def _path(self, i: int) -> Path:
         return self.dir / f"batch_{i:05d}.npz"
@@ -191,8 +222,10 @@ def _fold_keys(key, index):
 def _attack_batch(b: Batch, run, apply_fn, attack_apply, params, key, inputs, keep_adv: bool) -> dict:
     """Everything one batch contributes: sums, per-example results, and x_adv if kept."""
     info = clean_pred = None
+    n = b.stop - b.start
     if inputs is not None:
-        x = to_float(pad_to(np.asarray(inputs[b.start:b.stop]), len(b.index) - (b.stop - b.start)))
+        bs = len(b.index) * distributed.process_count()
+        x = to_float(pad_to(np.asarray(inputs[b.start:b.stop]), bs - n)[b.rows])
         x = jax.device_put(x, b.x.sharding)
     elif run is not None:
         keys = _fold_keys(key, jnp.asarray(b.index, jnp.uint32))
@@ -202,18 +235,19 @@ def _attack_batch(b: Batch, run, apply_fn, attack_apply, params, key, inputs, ke
     out = _eval_step_jit(apply_fn, params, x, b.y, b.mask)
     if info is not None:
         clean_pred = _eval_step_jit(apply_fn, params, b.x, b.y, b.mask)["pred"]
-    n = b.stop - b.start
     rec = {k: np.asarray(out[k]) for k in ("loss", "correct", "count")}
-    rec["index"] = b.index[:n]
-    rec["pred"] = np.asarray(out["pred"])[:n]
-    rec["example_loss"] = np.asarray(out["example_loss"])[:n]
+    rec["index"] = b.index
+    rec["pred"] = np.asarray(out["pred"])
+    rec["example_loss"] = np.asarray(out["example_loss"])
     if info is not None:
-        rec["clean_pred"] = np.asarray(clean_pred)[:n]
+        rec["clean_pred"] = np.asarray(clean_pred)
         for k, v in info._asdict().items():
-            rec[k] = np.asarray(v)[:n]
+            rec[k] = np.asarray(v)
     if keep_adv:
-        rec["x_adv"] = np.asarray(x)[:n]
-    return rec
+        rec["x_adv"] = np.asarray(x)
+    rec = distributed.gather(rec)  # every process's rows, in order (identity for one process)
+    return {k: v.sum() if k in ("loss", "correct", "count") and v.ndim else (v[:n] if v.ndim else v)
+            for k, v in rec.items()}  # fmt: skip
 
 
 def attack_eval(
@@ -263,15 +297,15 @@ def attack_eval(
     from tqdm.auto import tqdm
 
     run = _runner(attack)
-    mesh = parallel.batch_mesh()
-    params = jax.device_put(params, parallel.replicated(mesh))
+    mesh = parallel.local_mesh()
+    params = local_params(params, mesh)
     key = jax.random.key(0) if key is None else key
     attack_apply = attack_apply or apply_fn
-    done = store.has if store is not None else (lambda i: False)
+    total = -(-len(labels) // batch_size_for(len(labels), batch_size, mesh))
+    done = store.finished(total) if store is not None else (lambda i: False)
     recs = []
     it = batches(images, labels, batch_size=batch_size, index=index, mesh=mesh, skip=done)
-    total = -(-len(labels) // batch_size_for(len(labels), batch_size, mesh))
-    for i, b in tqdm(it, total=total, desc=desc, disable=not progress, leave=False):
+    for i, b in tqdm(it, total=total, desc=desc, disable=not progress or not distributed.is_primary(), leave=False):
         if b is None:
             recs.append(store.get(i))
             continue

@@ -2,7 +2,8 @@
 
 Every file jaxadv writes goes through `atomic_path`: the data is written to a temporary
 file in the target directory and renamed over the target, so a reader (or a resumed run)
-sees either the old file or the whole new one, never half of it.
+sees either the old file or the whole new one, never half of it. With many processes
+(`jaxadv.distributed`) only process 0 writes; the others' writes go to scratch files.
 """
 
 from __future__ import annotations
@@ -27,7 +28,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The temporary name keeps the suffix of `path` (NumPy and matplotlib pick the format
     from it) and starts with a dot, so globbing for results never picks it up.
     """
+    from jaxadv import distributed
+
     path = Path(path)
+    if not distributed.is_primary():
+        # Many processes compute the same result; process 0 alone writes it. The others
+        # write to a scratch file that is thrown away, so callers need no branch.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+        os.close(fd)
+        try:
+            yield Path(tmp)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)

@@ -3,8 +3,9 @@
 The batch axis is split over a 1-D mesh named "batch"; params, optimizer state and the
 device-resident dataset are replicated. Under `jit`, XLA (GSPMD) partitions the step and
 inserts the gradient all-reduce, so BatchNorm statistics and the loss are those of the
-global batch, exactly as on one device. Multi-host: call `jax.distributed.initialize()`
-before building the mesh; `jax.devices()` then spans all hosts.
+global batch, exactly as on one device. Many processes: `jaxadv.distributed.initialize()`
+first; `batch_mesh()` then spans the devices of all processes (training), and
+`local_mesh()` those of this process (the evaluation layer, see `jaxadv.distributed`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 def batch_mesh(devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     return Mesh(devices, ("batch",))
+
+
+def local_mesh() -> Mesh:
+    """The batch mesh of this process's own devices (all devices when there is one process)."""
+    return Mesh(list(jax.local_devices()), ("batch",))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

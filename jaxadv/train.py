@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from jaxadv import checkpoint, defenses, evaluation, io, parallel
+from jaxadv import checkpoint, defenses, distributed, evaluation, io, parallel
 from jaxadv.configs import ModelConfig, OptimConfig, TrainConfig
 from jaxadv.data import augment as _augment
 from jaxadv.losses import cross_entropy
@@ -318,7 +318,7 @@ def _validate(run: _Run, cfg: TrainConfig, record: dict, val, deployed, monitor,
     record.update(val_loss=v["loss"], val_accuracy_pct=v["accuracy_pct"])
     score = v["loss"]
     if monitor is not None:
-        record["val_robust_accuracy_pct"] = monitor(run.state.variables)
+        record["val_robust_accuracy_pct"] = monitor(distributed.local(run.state.variables))
         score = -record["val_robust_accuracy_pct"]
     run.stopping, improved, reason = update_stopping(run.stopping, score, patience=cfg.patience,
                                                      co_guard=cfg.defense.co_guard, robust=monitor is not None)
@@ -392,14 +392,17 @@ def fit(
     ), donate_argnums=(0,))  # fmt: skip
     deployed = defense.deployed(make_apply(model))
     val = (val_images, val_labels) if val_labels is not None and len(val_labels) else None
-    run.state = jax.device_put(run.state, repl)
-    data = jax.device_put((train_images, train_labels), repl)
+    # Every process holds the same host data and puts it only on its own devices; with
+    # one process this is a plain replicated device_put.
+    run.state = distributed.replicate(run.state, repl)
+    data = distributed.replicate((train_images, train_labels), repl)
+    progress = progress and distributed.is_primary()
 
     for epoch in range(run.start_epoch, cfg.epochs):
-        perm = jax.device_put(jax.random.permutation(jax.random.fold_in(data_key, epoch), n).astype(jnp.int32), repl)
-        run.state, totals, seconds = _run_epoch(step_fn, run.state, data, perm, train_key, steps=steps,
-                                                log_every=cfg.log_every, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                                                progress=progress)  # fmt: skip
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), n), np.int32)
+        run.state, totals, seconds = _run_epoch(step_fn, run.state, data, distributed.replicate(perm, repl),
+                                                train_key, steps=steps, log_every=cfg.log_every,
+                                                desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=progress)  # fmt: skip
         record = {"epoch": epoch + 1, "train_loss": totals["loss"] / totals["count"],
                   "train_accuracy_pct": 100 * totals["correct"] / totals["count"],
                   "lr": _lr(lr_fn, int(run.state.step) - 1), "seconds": seconds,
@@ -418,7 +421,10 @@ def fit(
             log(reason)
             break
 
-    state = run.state.replace(params=run.best["params"], batch_stats=run.best["batch_stats"])
+    # The best params as this process's own copies: evaluation, attacks and plots run
+    # per process (global arrays of a multi-process run would not mix with local inputs).
+    state = run.state.replace(params=distributed.local(run.best["params"]),
+                              batch_stats=distributed.local(run.best["batch_stats"]))
     return FitResult(state=state, history=run.history, stopped_early=run.stopped_early)
 
 
