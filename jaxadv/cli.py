@@ -88,7 +88,8 @@ def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coordinator", default=None,
                    help="HOST:PORT of process 0, or 'auto' for the cluster detection of jax.distributed "
                    "(SLURM, TPU pods); default $JAXADV_COORDINATOR, else one process")
-    g.add_argument("--num-processes", type=_positive_int, default=None, help="processes in the job ($JAXADV_NUM_PROCESSES)")
+    g.add_argument("--num-processes", type=_positive_int, default=None,
+                   help="processes in the job ($JAXADV_NUM_PROCESSES)")
     g.add_argument("--process-id", type=_nonneg_int, default=None, help="this process's id ($JAXADV_PROCESS_ID)")
     g.add_argument("--join-timeout", type=_positive_int, default=None,
                    help="seconds to wait for every process to join (default $JAXADV_JOIN_TIMEOUT or 300)")
@@ -226,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(e, train=False)
     e.add_argument("--seed", type=int, default=0, help="seed of the test order (--test-subset)")
     e.add_argument("--out", default=None, help="write the summary JSON here")
+    e.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="test-time augmentation: 'flip' averages the logits of each image and its mirror image")
     for name in ("train", "study", "attack", "autoattack", "evaluate"):
         _add_distributed_flags(sub.choices[name])
     b = sub.add_parser("bench", add_help=False,
@@ -298,8 +301,9 @@ def cmd_train(args, log) -> int:
     r = train.train_and_evaluate(cfg, splits, out, seed=args.seed, resume=args.resume, progress=not args.no_progress,
                                  log=log.info)  # fmt: skip
     s = r.summary
-    print(f"test accuracy {s['accuracy_pct']:.2f}% (loss {s['loss']:.4f}, n={s['n']}) after {s['epochs']} epochs, "
-          f"{s['seconds'] / 60:.1f} min training -> {out}")  # fmt: skip
+    print(f"test accuracy {s['accuracy_pct']:.2f}% (loss {s['loss']:.4f}, n={s['n']}; flip TTA "
+          f"{s['flip_tta_accuracy_pct']:.2f}%) after {s['epochs']} epochs, {s['seconds'] / 60:.1f} min training "
+          f"-> {out}")
     return 0
 
 
@@ -335,14 +339,18 @@ def cmd_evaluate(args, log) -> int:
     ckpt_dir = _resolve_ckpt_dir(args.checkpoint)
     apply_fn, variables, cfg, meta = train.load_trained(str(ckpt_dir))
     splits = _load_splits(args, 0, log)
-    summary = evaluation.evaluate(defenses.deployed_apply(cfg.defense, apply_fn), variables, splits.test.images,
-                                  splits.test.labels)  # fmt: skip
+    deployed = defenses.deployed_apply(cfg.defense, apply_fn)
+    if args.tta == "flip":
+        deployed = evaluation.flip_tta(deployed)
+    summary = evaluation.evaluate(deployed, variables, splits.test.images, splits.test.labels)
     history = meta.get("history", [])
-    summary.update(epochs=len(history), seconds=sum(h["seconds"] for h in history), checkpoint=str(ckpt_dir),
-                   data=splits.source, split="test", environment=io.environment())  # fmt: skip
+    summary.update(tta=args.tta, epochs=len(history), seconds=sum(h["seconds"] for h in history),
+                   checkpoint=str(ckpt_dir), data=splits.source, split="test", environment=io.environment())
     if args.out:
         io.write_json(args.out, summary)
-    print(f"test accuracy {summary['accuracy_pct']:.2f}% (loss {summary['loss']:.4f}, n={summary['n']}) of {ckpt_dir}")
+    view = " with flip TTA" if args.tta == "flip" else ""
+    print(f"test accuracy{view} {summary['accuracy_pct']:.2f}% (loss {summary['loss']:.4f}, n={summary['n']}) "
+          f"of {ckpt_dir}")
     return 0
 
 

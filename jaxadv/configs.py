@@ -26,12 +26,21 @@ class ModelConfig:
       head: hidden widths of the classifier head.
       norm: None, or "batch" for BatchNorm after every conv.
       dtype: compute dtype, "float32" or "bfloat16" (params stay float32).
+      bn_scale: BatchNorm learns a scale (False: shift only, as airbench).
+      bn_momentum: weight of the old running statistics in each BatchNorm update (flax's
+        convention; PyTorch's momentum m is 1 - this).
+      init: "default" (flax's), or "whiten": the first conv frozen to the training
+        patches' whitening filters (+-, the top eigenvectors of 3x3 patch covariance) and
+        the other convs initialized to the identity ("dirac") on their first channels.
     """
 
     widths: tuple[int, ...] = (32, 64, 128)
     head: tuple[int, ...] = (128,)
     norm: str | None = None
     dtype: str = "float32"
+    bn_scale: bool = True
+    bn_momentum: float = 0.9
+    init: str = "default"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +52,9 @@ class OptimConfig:
         before Adam; "adamw" = decoupled weight decay on conv/dense kernels only.
       lr: peak learning rate.
       weight_decay: L2 coefficient (adam_l2) or decoupled decay (adamw, multiplied by lr).
-      schedule: "constant", "onecycle" (cosine one-cycle) or "cosine" (warmup + cosine).
-      warmup_frac: fraction of all steps spent warming up (onecycle/cosine).
+      schedule: "constant", "onecycle" (cosine one-cycle), "cosine" (warmup + cosine) or
+        "triangular" (linear from 0.2 lr up to lr, then linearly down to 0.07 lr, as airbench).
+      warmup_frac: fraction of all steps spent warming up (onecycle/cosine/triangular).
       label_smoothing: 0 for plain cross-entropy.
     """
 
@@ -94,8 +104,12 @@ class TrainConfig:
       patience: early stopping on the validation score: stop after this many epochs
         without improvement (0 disables it; the best-validation params are still returned).
       val_size: examples held out of train for validation / early stopping.
-      augment: random crop (pad 4) + horizontal flip on every batch.
+      augment: random crop (after padding `pad`) + horizontal flip on every batch.
       pad_mode: "reflect" or "constant" (zero) padding before the random crop.
+      pad: pixels of padding per side before the crop (translation by up to `pad`).
+      flip: "random" (each example, each step) or "alternate" (a random flip per example in
+        the first epoch, then the opposite of the previous epoch's: every image is seen
+        both ways in every two epochs, as airbench).
       log_every: steps between host fetches of training metrics.
     """
 
@@ -109,6 +123,8 @@ class TrainConfig:
     val_size: int = 5000
     augment: bool = True
     pad_mode: str = "reflect"
+    pad: int = 4
+    flip: str = "random"
     log_every: int = 50
 
     def replace(self, **kwargs: Any) -> "TrainConfig":
@@ -175,7 +191,22 @@ FAST = TrainConfig(
     patience=0,
 )
 
-PRESETS = {"seed": SEED, "fast": FAST}
+# The same topology and widths again, for a whole study in an hour on 2 CPU cores: the
+# fast-training tricks of airbench and Page's bag of tricks that apply to a 6-conv net.
+# What each one did is in docs/training.md ("quick").
+QUICK = TrainConfig(
+    name="quick",
+    model=ModelConfig(norm="batch", bn_scale=False, bn_momentum=0.6, init="whiten"),
+    optim=OptimConfig(optimizer="adamw", lr=3e-3, weight_decay=5e-2, schedule="triangular", warmup_frac=0.2,
+                      label_smoothing=0.2),
+    batch_size=256,
+    epochs=8,
+    patience=0,
+    pad=2,
+    flip="alternate",
+)
+
+PRESETS = {"seed": SEED, "fast": FAST, "quick": QUICK}
 
 
 def get_config(name: str) -> TrainConfig:

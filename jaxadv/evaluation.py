@@ -33,6 +33,19 @@ def to_float(x):
     return xp.asarray(x, xp.float32)
 
 
+@functools.cache
+def flip_tta(apply_fn: Callable) -> Callable:
+    """Flip test-time augmentation: `apply(params, x)` = mean of the logits of x and of x
+    mirrored left-right. A model of its own: attacks that should see the TTA classifier
+    take this function (its gradient flows through both views)."""
+
+    def apply(params, x):
+        return 0.5 * (apply_fn(params, x) + apply_fn(params, x[:, :, ::-1, :]))
+
+    apply.__name__ = f"flip_tta_{getattr(apply_fn, '__name__', 'model')}"
+    return apply
+
+
 def pad_batches(n: int, batch_size: int):
     """Yield (start, stop, pad) for fixed-size batches over n examples; the last is padded."""
     for start in range(0, n, batch_size):

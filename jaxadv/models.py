@@ -35,6 +35,8 @@ class CNN(nn.Module):
       head: hidden widths of the classifier head (Dense + ReLU each), before the final Dense.
       num_classes: number of logits.
       norm: None, or "batch" for BatchNorm after every conv (the `fast` config).
+      bn_scale, bn_momentum: BatchNorm's learned scale (on/off) and the weight of the old
+        running statistics per update.
       mean, std: input normalization constants, applied inside the model.
       dtype: compute dtype (params stay float32; logits are returned as float32).
     """
@@ -43,6 +45,8 @@ class CNN(nn.Module):
     head: Sequence[int] = (128,)
     num_classes: int = 10
     norm: str | None = None
+    bn_scale: bool = True
+    bn_momentum: float = 0.9
     mean: Sequence[float] = CIFAR10_MEAN
     std: Sequence[float] = CIFAR10_STD
     dtype: Any = jnp.float32
@@ -57,7 +61,8 @@ class CNN(nn.Module):
             for _ in range(2):
                 x = nn.Conv(width, (3, 3), padding=1, use_bias=self.norm is None, dtype=self.dtype)(x)
                 if self.norm == "batch":
-                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+                    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, use_scale=self.bn_scale,
+                                     dtype=self.dtype)(x)  # fmt: skip
                 elif self.norm is not None:
                     raise ValueError(f"unknown norm {self.norm!r}; expected None or 'batch'")
                 x = nn.relu(x)
@@ -97,3 +102,52 @@ def init_params(model: nn.Module, key: jax.Array, input_shape=(1, 32, 32, 3)) ->
 
 def count_params(params: Any) -> int:
     return sum(int(p.size) for p in jax.tree.leaves(params.get("params", params)))
+
+
+def patch_whitening_kernel(x: Array, out_channels: int, *, size: int = 3, eps: float = 5e-4) -> Array:
+    """Conv kernel f32[size,size,C,out] that whitens the `size` x `size` patches of `x`.
+
+    The filters are the top `out_channels // 2` eigenvectors of the patch covariance,
+    each scaled by 1/sqrt(eigenvalue + eps), and their negatives (ReLU keeps both signs
+    of each direction), as in airbench and Page's cifar10-fast.
+
+    Args:
+      x: f32[N,H,W,C] images as the first conv sees them (normalized).
+      out_channels: even number of filters.
+    """
+    if out_channels % 2:
+        raise ValueError(f"whitening needs an even number of first-layer channels, got {out_channels}")
+    c = x.shape[-1]
+    patches = jax.lax.conv_general_dilated_patches(x, (size, size), (1, 1), "VALID",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+    patches = patches.reshape(-1, patches.shape[-1]).astype(jnp.float32)  # [P, C*size*size], channel-major
+    patches = patches - patches.mean(0, keepdims=True)
+    cov = patches.T @ patches / patches.shape[0]
+    eigval, eigvec = jnp.linalg.eigh(cov)  # ascending
+    k = out_channels // 2
+    if k > eigval.shape[0]:
+        raise ValueError(f"at most {2 * eigval.shape[0]} whitening filters for {size}x{size}x{c} patches")
+    top = eigvec[:, ::-1][:, :k] / jnp.sqrt(eigval[::-1][:k] + eps)[None, :]  # [C*size*size, k]
+    filters = jnp.concatenate([top, -top], axis=1)  # [C*size*size, out]
+    # conv_general_dilated_patches orders features as (C, kh, kw); the kernel is (kh, kw, C, out).
+    return filters.reshape(c, size, size, out_channels).transpose(1, 2, 0, 3)
+
+
+def whiten_and_dirac(variables: Any, model: "CNN", images_u8, *, n: int = 1000) -> Any:
+    """`variables` with the first conv set to `patch_whitening_kernel` of the first `n`
+    training images and every other conv's first `in` filters set to the identity."""
+    x = jnp.asarray(images_u8[:n], jnp.float32) / 255.0
+    mean = jnp.asarray(model.mean, jnp.float32).reshape(1, 1, 1, -1)
+    std = jnp.asarray(model.std, jnp.float32).reshape(1, 1, 1, -1)
+    params = jax.tree.map(lambda a: a, variables["params"])
+    convs = sorted((k for k in params if k.startswith("Conv_")), key=lambda k: int(k.split("_")[1]))
+    first = params[convs[0]]["kernel"]
+    white = patch_whitening_kernel((x - mean) / std, first.shape[-1]).astype(first.dtype)
+    params[convs[0]] = {**params[convs[0]], "kernel": white}
+    for name in convs[1:]:
+        w = params[name]["kernel"]
+        kh, kw, cin, cout = w.shape
+        m = min(cin, cout)
+        eye = jnp.zeros((kh, kw, m, m), w.dtype).at[kh // 2, kw // 2].set(jnp.eye(m, dtype=w.dtype))
+        params[name] = {**params[name], "kernel": w.at[:, :, :m, :m].set(eye)}
+    return {**variables, "params": params}

@@ -27,7 +27,7 @@ from jaxadv import checkpoint, defenses, distributed, evaluation, io, parallel
 from jaxadv.configs import ModelConfig, OptimConfig, TrainConfig
 from jaxadv.data import augment as _augment
 from jaxadv.losses import cross_entropy
-from jaxadv.models import CNN, make_apply
+from jaxadv.models import CNN, make_apply, whiten_and_dirac
 from jaxadv.types import Array, BatchTransform, PRNGKey
 
 evaluate = evaluation.evaluate  # the clean-accuracy function, where users found it in 0.1
@@ -61,7 +61,10 @@ def create_model(cfg: TrainConfig | ModelConfig, num_classes: int = 10) -> CNN:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(m.dtype)
     if dtype is None:
         raise ValueError(f"unknown dtype {m.dtype!r}; expected 'float32' or 'bfloat16'")
-    return CNN(widths=tuple(m.widths), head=tuple(m.head), num_classes=num_classes, norm=m.norm, dtype=dtype)
+    if m.init not in ("default", "whiten"):
+        raise ValueError(f"unknown init {m.init!r}; expected 'default' or 'whiten'")
+    return CNN(widths=tuple(m.widths), head=tuple(m.head), num_classes=num_classes, norm=m.norm, dtype=dtype,
+               bn_scale=m.bn_scale, bn_momentum=m.bn_momentum)  # fmt: skip
 
 
 def create_learning_rate_fn(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -75,10 +78,34 @@ def create_learning_rate_fn(cfg: OptimConfig, total_steps: int) -> optax.Schedul
     if cfg.schedule == "cosine":
         warmup = int(cfg.warmup_frac * total)
         return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, warmup), total, end_value=0.0)
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; expected constant, onecycle or cosine")
+    if cfg.schedule == "triangular":
+        warmup = max(1, int(cfg.warmup_frac * total))
+        return optax.join_schedules([optax.linear_schedule(0.2 * cfg.lr, cfg.lr, warmup),
+                                     optax.linear_schedule(cfg.lr, 0.07 * cfg.lr, max(1, total - warmup))], [warmup])
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; expected constant, onecycle, cosine or triangular")
 
 
-def create_optimizer(cfg: OptimConfig, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(cfg: OptimConfig, learning_rate_fn: optax.Schedule,
+                     frozen: Callable[[tuple], bool] | None = None) -> optax.GradientTransformation:  # fmt: skip
+    """The config's optimizer; params for which `frozen(path)` holds get no update at all."""
+    tx = _optimizer(cfg, learning_rate_fn)
+    if frozen is None:
+        return tx
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: "frozen" if frozen(path) else "train", params)
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def frozen_params(cfg: ModelConfig) -> Callable[[tuple], bool] | None:
+    """Which params a model config keeps fixed: the whitening conv of init="whiten"."""
+    if cfg.init != "whiten":
+        return None
+    return lambda path: getattr(path[0], "key", None) == "Conv_0"
+
+
+def _optimizer(cfg: OptimConfig, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
     if cfg.optimizer == "adam_l2":
         # torch.optim.Adam(weight_decay=wd): wd * param is added to the gradient, then Adam.
         return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(learning_rate_fn))
@@ -102,8 +129,20 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
 
 
 def make_augment(cfg: TrainConfig) -> Callable[[PRNGKey, Array], Array] | None:
-    """The config's per-batch augmentation `(key, x) -> x` (crop after padding 4, flip), or None."""
-    return functools.partial(_augment, pad=4, pad_mode=cfg.pad_mode, flip=True) if cfg.augment else None
+    """The config's per-batch augmentation `(key, x) -> x` (crop after padding, random flip), or None.
+
+    With `cfg.flip == "alternate"` the flips are not in here: `train_step` applies them
+    from each example's index and the epoch (`alternate_flip_steps`)."""
+    if cfg.flip not in ("random", "alternate"):
+        raise ValueError(f"unknown flip {cfg.flip!r}; expected 'random' or 'alternate'")
+    return functools.partial(_augment, pad=cfg.pad, pad_mode=cfg.pad_mode, flip=cfg.flip == "random") \
+        if cfg.augment else None  # fmt: skip
+
+
+def alternate_flips(key: PRNGKey, index: Array, epoch: Array) -> Array:
+    """bool[B]: a random flip per example in epoch 0, the opposite of the last one's after."""
+    first = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i)))(index)
+    return first ^ (epoch % 2 == 1)
 
 
 def train_step(
@@ -119,6 +158,7 @@ def train_step(
     augment_fn: Callable[[PRNGKey, Array], Array] | None = None,
     batch_transform: BatchTransform = defenses.identity_transform,
     batch_sharding=None,
+    alternate_flip_steps: int = 0,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on batch `index` of the permutation `perm` of the device-resident data.
 
@@ -136,6 +176,8 @@ def train_step(
       batch_transform: `(variables, x, y, key) -> (x', y')` applied to the float batch in
         [0, 1] before the loss (defenses plug in here; identity by default).
       batch_sharding: optional sharding of the batch axis over devices (data parallelism).
+      alternate_flip_steps: steps per epoch when flips alternate per example across
+        epochs (`alternate_flips`); 0: none here (`augment_fn` flips, or nothing does).
 
     Returns:
       (new state, metrics) with metrics {"loss", "correct", "count"} as device scalars (sums).
@@ -149,6 +191,9 @@ def train_step(
     aug_key, transform_key = jax.random.split(step_key)
     if augment_fn is not None:
         x = augment_fn(aug_key, x)
+    if alternate_flip_steps:
+        flip = alternate_flips(jax.random.fold_in(key, 0x5EED), idx, state.step // alternate_flip_steps)
+        x = jnp.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
     x = to_float(x)
     x, y = batch_transform(state.variables, x, y, transform_key)
 
@@ -374,7 +419,11 @@ def fit(
     init_key, data_key, train_key = jax.random.split(key, 3)
     model = create_model(cfg, num_classes)
     lr_fn = create_learning_rate_fn(cfg.optim, cfg.epochs * steps)
-    state = create_train_state(model, create_optimizer(cfg.optim, lr_fn), init_key, train_images.shape[1:])
+    state = create_train_state(model, create_optimizer(cfg.optim, lr_fn, frozen_params(cfg.model)), init_key,
+                               train_images.shape[1:])  # fmt: skip
+    if cfg.model.init == "whiten":
+        v = whiten_and_dirac(state.variables, model, train_images)
+        state = state.replace(params=v["params"])
     if defense is None:
         defense = defenses.resolve(cfg.defense, make_apply(model), val_images, val_labels)
     run = _Run(state=state, best=_copy_best(state), stopping=Stopping(), history=[])
@@ -389,6 +438,7 @@ def fit(
         train_step, batch_size=cfg.batch_size, label_smoothing=cfg.optim.label_smoothing,
         augment_fn=make_augment(cfg), batch_transform=defense.batch_transform,
         batch_sharding=parallel.batch_sharded(mesh) if mesh.devices.size > 1 else None,
+        alternate_flip_steps=steps if cfg.augment and cfg.flip == "alternate" else 0,
     ), donate_argnums=(0,))  # fmt: skip
     deployed = defense.deployed(make_apply(model))
     val = (val_images, val_labels) if val_labels is not None and len(val_labels) else None
@@ -475,8 +525,11 @@ def train_and_evaluate(cfg: TrainConfig, splits, workdir: str | Path, *, seed: i
     wall = time.perf_counter() - t0
     io.write_json(workdir / "history.json", result.history)
     plots.training_curves({cfg.name: result.history}, workdir / "curves.png")
-    summary = evaluation.evaluate(defense.deployed(apply_fn), result.state.variables, splits.test.images,
-                                  splits.test.labels)  # fmt: skip
+    deployed = defense.deployed(apply_fn)
+    summary = evaluation.evaluate(deployed, result.state.variables, splits.test.images, splits.test.labels)
+    tta = evaluation.evaluate(evaluation.flip_tta(deployed), result.state.variables, splits.test.images,
+                              splits.test.labels)  # fmt: skip
+    summary["flip_tta_accuracy_pct"] = tta["accuracy_pct"]  # reported beside, never instead of, single-view
     history = result.history
     summary.update(epochs=len(history), seconds=sum(h["seconds"] for h in history), wall_seconds_this_invocation=wall,
                    train_img_per_s=float(np.median([h["img_per_s"] for h in history])) if history else None,
@@ -504,7 +557,7 @@ def load_trained(ckpt_dir: str, *, which: str = "best"):
         raise checkpoint.CheckpointError(f"{ckpt_dir} is not a jaxadv training checkpoint (no config stored)")
     cfg = TrainConfig.from_dict(meta["config"])
     model = create_model(cfg, meta.get("num_classes", 10))
-    tx = create_optimizer(cfg.optim, create_learning_rate_fn(cfg.optim, 1))
+    tx = create_optimizer(cfg.optim, create_learning_rate_fn(cfg.optim, 1), frozen_params(cfg.model))
     image_shape = tuple(meta.get("image_shape", (32, 32, 3)))
     shapes = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.key(0), image_shape))
     template = _checkpoint_tree(shapes, {"params": shapes.params, "batch_stats": shapes.batch_stats},
