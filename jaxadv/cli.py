@@ -69,6 +69,14 @@ def _hparam(s: str) -> tuple[str, object]:
         return key, value  # a string, e.g. norm=l2
 
 
+def _field_value(s: str) -> tuple[str, object]:
+    """FIELD=VALUE or SECTION.FIELD=VALUE for --set."""
+    key, sep, value = s.partition("=")
+    if not sep or not all(part.isidentifier() for part in key.split(".")):
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE or SECTION.FIELD=VALUE, got {s!r}")
+    return key, _hparam(f"value={value}")[1]
+
+
 def _add_data_flags(p: argparse.ArgumentParser, *, train: bool) -> None:
     p.add_argument("--data", default=os.environ.get("JAXADV_DATA", "tfds"), help=_DATA_HELP)
     p.add_argument("--cache-dir", default=None,
@@ -109,6 +117,9 @@ def _train_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--config", default="seed", choices=sorted(configs.PRESETS),
                    help="training preset: 'seed' (faithful to the study) or 'fast'")
     t.add_argument("--epochs", type=_positive_int, default=None, help="maximum epochs (default: the config's)")
+    t.add_argument("--set", type=_field_value, action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one field of the preset, e.g. --set optim.label_smoothing=0.1 --set batch_size=512 "
+                   "(repeatable; the fields are those of jaxadv.configs.TrainConfig)")
     t.add_argument("--seed", type=int, default=0, help="seed for data split, init, data order and augmentation")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
@@ -129,6 +140,8 @@ def _study_flags(st: argparse.ArgumentParser) -> None:
     st.add_argument("--config", default="fast", choices=sorted(configs.PRESETS),
                     help="training preset shared by the models")
     st.add_argument("--epochs", type=_positive_int, default=None, help="maximum epochs per model (default: the config's)")
+    st.add_argument("--set", type=_field_value, action="append", default=[], metavar="FIELD=VALUE",
+                    help="override one field of the preset shared by the models (see jaxadv train --help)")
     st.add_argument("--seed", type=int, default=0, help="seed for data split, init, data order, augmentation, attacks")
     st.add_argument("--eps", type=number, default=0.1, help="FGSM eps for the attack and adversarial training")
     st.add_argument("--deepfool-max-iter", type=_positive_int, default=50, help="DeepFool iteration limit")
@@ -267,12 +280,14 @@ def _check_writable(out: Path) -> None:
 
 
 def _config(args, **defense):
-    """The named preset with the flags that override it (--epochs, --val-size, --defense ...)."""
-    from jaxadv.configs import get_config
+    """The named preset with the flags that override it (--epochs, --val-size, --defense, --set ...)."""
+    from jaxadv.configs import get_config, override
 
     cfg = get_config(args.config)
     top = {k: v for k, v in (("epochs", args.epochs), ("val_size", args.val_size)) if v is not None}
     cfg = cfg.replace(**top)
+    if getattr(args, "set", None):
+        cfg = override(cfg, dict(args.set))
     defense = {k: v for k, v in defense.items() if v is not None}
     return cfg.with_defense(defense.pop("name", cfg.defense.name), **defense) if defense else cfg
 

@@ -209,6 +209,39 @@ QUICK = TrainConfig(
 PRESETS = {"seed": SEED, "fast": FAST, "quick": QUICK}
 
 
+def override(cfg: TrainConfig, fields: dict[str, Any]) -> TrainConfig:
+    """`cfg` with dotted fields replaced, e.g. {"optim.lr": 1e-3, "batch_size": 256}.
+
+    Values keep the type of the field they replace (ints stay ints, tuples stay tuples);
+    an unknown field or a value of the wrong kind is a ValueError naming it.
+    """
+    sections = {"model", "optim", "defense"}
+    for key, value in fields.items():
+        section, _, name = key.rpartition(".")
+        if section and section not in sections or not section and name in sections:
+            raise ValueError(f"unknown config field {key!r}; expected FIELD or SECTION.FIELD with SECTION in "
+                             f"{sorted(sections)}")  # fmt: skip
+        target = getattr(cfg, section) if section else cfg
+        if name not in _fields(type(target)):
+            raise ValueError(f"unknown config field {key!r}; {section or 'the config'} has "
+                             f"{', '.join(sorted(_fields(type(target))))}")  # fmt: skip
+        old = getattr(target, name)
+        try:
+            if isinstance(old, bool):
+                if str(value).lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value = str(value).lower() in ("true", "1")
+            elif isinstance(old, tuple):
+                value = tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+            elif old is not None and not isinstance(old, str):
+                value = type(old)(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config field {key!r}: {value!r} is not a valid {type(old).__name__}") from None
+        target = dataclasses.replace(target, **{name: value})
+        cfg = cfg.replace(**{section: target}) if section else target
+    return cfg
+
+
 def get_config(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown config {name!r}; choose one of {sorted(PRESETS)}")

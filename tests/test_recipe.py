@@ -85,3 +85,16 @@ def test_old_configs_load_with_the_new_fields_defaulted():
         del d["model"][k]
     del d["pad"], d["flip"]
     assert TrainConfig.from_dict(d) == TrainConfig()
+
+
+def test_config_overrides_by_dotted_field():
+    from jaxadv.configs import override
+
+    cfg = override(QUICK, {"model.init": "default", "batch_size": "512", "optim.label_smoothing": 0.1,
+                           "model.bn_scale": "true", "model.widths": (8, 16, 32)})  # fmt: skip
+    assert (cfg.model.init, cfg.batch_size, cfg.optim.label_smoothing) == ("default", 512, 0.1)
+    assert cfg.model.bn_scale is True and cfg.model.widths == (8, 16, 32) and cfg.epochs == QUICK.epochs
+    for bad, msg in (({"optim.nope": 1}, "unknown config field 'optim.nope'"), ({"model": 1}, "unknown config field"),
+                     ({"batch_size": "big"}, "not a valid int"), ({"model.bn_scale": "maybe"}, "not a valid bool")):
+        with pytest.raises(ValueError, match=msg):
+            override(QUICK, bad)
