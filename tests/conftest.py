@@ -3,6 +3,7 @@
 import itertools
 import os
 
+import jaxadv  # noqa: F401 - first, as users do: its XLA:CPU flag only takes effect before JAX starts a backend
 import jax
 import pytest
 
