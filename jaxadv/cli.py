@@ -344,7 +344,10 @@ def cmd_study(args, log) -> int:
     study.run(splits, args.out, base=cfg, suite=args.suite, settings=settings, seed=args.seed,
               attack_batch=args.attack_batch, progress=not args.no_progress, log=log.info,
               clean_run=args.clean_run)  # fmt: skip
-    print(Path(args.out, "results.md").read_text())
+    from jaxadv import distributed
+
+    if distributed.is_primary():  # process 0 wrote it; the others may get here first
+        print(Path(args.out, "results.md").read_text())
     return 0
 
 
