@@ -10,7 +10,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxadv import attacks, checkpoint, defenses, evaluation, io, train
+from jaxadv import attacks, checkpoint, defenses, distributed, evaluation, io, train
 
 
 def evaluate_checkpoint(ckpt_dir: str, spec: attacks.Spec, *, data: str, cache_dir: str | None = None,
@@ -59,7 +59,8 @@ def evaluate_checkpoint(ckpt_dir: str, spec: attacks.Spec, *, data: str, cache_d
               "per_example": {k: np.asarray(v).tolist() for k, v in per.items()}, "data": splits.source,
               "seed": seed, "seconds": time.perf_counter() - t0, "environment": io.environment()}  # fmt: skip
     io.write_json(out, result)
-    shutil.rmtree(parts, ignore_errors=True)
+    if distributed.is_primary():
+        shutil.rmtree(parts, ignore_errors=True)
     return result
 
 

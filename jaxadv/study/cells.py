@@ -38,7 +38,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxadv import attacks, detect, io, squeeze
+from jaxadv import attacks, detect, distributed, io, squeeze
 from jaxadv.evaluation import BatchStore, attack_eval, to_float
 from jaxadv.study.models import ModelStore
 
@@ -190,8 +190,9 @@ def _stored_run(run: Run, n: int, keep: bool, ctx: Context) -> dict:
     out = _evaluate_run(run, n, keep, ctx, store)
     out["seconds"] = np.asarray(time.perf_counter() - t0)  # this invocation's share if it resumed
     io.write_npz(done, **out)
-    for f in directory.glob("batch_*.npz"):  # the result holds them all now
-        f.unlink()
+    if distributed.is_primary():  # process 0 owns the files (see jaxadv.distributed)
+        for f in directory.glob("batch_*.npz"):  # the result holds them all now
+            f.unlink(missing_ok=True)
     return out
 
 
