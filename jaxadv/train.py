@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from jaxadv import checkpoint, defenses, distributed, evaluation, io, parallel
+from jaxadv import checkpoint, defenses, distributed, evaluation, io, parallel, pretrained
 from jaxadv.configs import ModelConfig, OptimConfig, TrainConfig
 from jaxadv.data import augment as _augment
 from jaxadv.losses import cross_entropy
@@ -543,8 +543,10 @@ def load_trained(ckpt_dir: str, *, which: str = "best"):
     """Rebuild a trained model from its checkpoint directory alone (the config is stored in it).
 
     Args:
-      ckpt_dir: a `checkpoints/` directory written by `fit` (jaxadv 0.1 ones too).
-      which: "best" (best-validation params, what `fit` returns) or "last".
+      ckpt_dir: a `checkpoints/` directory written by `fit` (jaxadv 0.1 ones too), or of a
+        pretrained model (`jaxadv.pretrained`; its checksum is verified first).
+      which: "best" (best-validation params, what `fit` returns) or "last" (a pretrained
+        model has only its best).
 
     Returns:
       (apply_fn, variables, cfg, meta): `apply_fn(variables, x) -> logits` of the model
@@ -560,8 +562,13 @@ def load_trained(ckpt_dir: str, *, which: str = "best"):
     tx = create_optimizer(cfg.optim, create_learning_rate_fn(cfg.optim, 1), frozen_params(cfg.model))
     image_shape = tuple(meta.get("image_shape", (32, 32, 3)))
     shapes = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.key(0), image_shape))
-    template = _checkpoint_tree(shapes, {"params": shapes.params, "batch_stats": shapes.batch_stats},
-                                jax.random.key(0))  # fmt: skip
+    if meta.get("format") == pretrained.FORMAT:  # best params only, checked against its model card
+        pretrained.verify(ckpt_dir)
+        template = {"best_params": shapes.params, "best_batch_stats": shapes.batch_stats}
+        which = "best"
+    else:
+        template = _checkpoint_tree(shapes, {"params": shapes.params, "batch_stats": shapes.batch_stats},
+                                    jax.random.key(0))  # fmt: skip
     _, tree, meta = checkpoint.restore(ckpt_dir, template)
     prefix = "best_" if which == "best" else ""
     return make_apply(model), variables_of(tree[f"{prefix}params"], tree[f"{prefix}batch_stats"]), cfg, meta
