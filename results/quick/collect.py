@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-runs = Path(sys.argv[1])
+runs = Path(sys.argv[1])  # runs/quick, or results/quick (the committed summaries)
 rows = ["| run | what | epochs | test % (single view) | test % (flip TTA) | val % per epoch | train min | img/s |",
         "|---|---|---|---|---|---|---|---|"]
 for arg in sys.argv[2:]:
