@@ -138,31 +138,25 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return s
 
 
+def _runtime(field: str, default: int) -> int:
+    # JAX's own record of the job, set by `jax.distributed.initialize` however it was
+    # called (here, or by the user); reading it starts no backend.
+    try:
+        from jax._src import distributed as _d
+
+        return int(getattr(_d.global_state, field) or default)
+    except (ImportError, AttributeError):  # a private API; if it moved, assume one process
+        return default
+
+
 def process_index() -> int:
     """This process's index (0 when the distributed runtime is not running); starts no backend."""
-    if not _state["initialized"]:
-        try:
-            from jax._src import distributed as _d
-
-            return int(_d.global_state.process_id or 0)
-        except (ImportError, AttributeError):
-            return 0
-    import jax
-
-    return jax.process_index()
+    return _runtime("process_id", 0)
 
 
 def process_count() -> int:
-    if not _state["initialized"]:
-        try:
-            from jax._src import distributed as _d
-
-            return int(_d.global_state.num_processes or 1)
-        except (ImportError, AttributeError):
-            return 1
-    import jax
-
-    return jax.process_count()
+    """The number of processes in the job (1 without the distributed runtime); starts no backend."""
+    return _runtime("num_processes", 1)
 
 
 def is_primary() -> bool:
