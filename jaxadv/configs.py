@@ -49,13 +49,25 @@ class OptimConfig:
 
     Attributes:
       optimizer: "adam_l2" = PyTorch-style Adam(weight_decay=...): L2 added to the gradient
-        before Adam; "adamw" = decoupled weight decay on conv/dense kernels only.
+        before Adam; "adamw" = decoupled weight decay on conv/dense kernels only;
+        "sgd_nesterov" = SGD with Nesterov momentum and decoupled decay on kernels;
+        "muon" = optax.contrib.muon: orthogonalized Nesterov momentum on the conv kernels
+        (each a 3*3*in x out matrix) at `lr`, AdamW on the other params at `adam_lr`.
       lr: peak learning rate.
       weight_decay: L2 coefficient (adam_l2) or decoupled decay (adamw, multiplied by lr).
       schedule: "constant", "onecycle" (cosine one-cycle), "cosine" (warmup + cosine) or
         "triangular" (linear from 0.2 lr up to lr, then linearly down to 0.07 lr, as airbench).
       warmup_frac: fraction of all steps spent warming up (onecycle/cosine/triangular).
       label_smoothing: 0 for plain cross-entropy.
+      ema: decay per step of an exponential moving average of the weights (0: off). With
+        it on, validation, the best params and the returned model are the average's, with
+        BatchNorm statistics of its own (recomputed on `ema_bn_batches` training batches
+        at the end of every epoch); the decay ramps up as min(ema, (1 + t) / (10 + t)).
+      ema_bn_batches: training batches (no augmentation) for the average's BatchNorm statistics.
+      momentum: momentum of "sgd_nesterov" (Nesterov) and "muon".
+      bias_lr_scale: "sgd_nesterov": learning-rate multiplier of biases (BatchNorm shifts
+        included), as airbench's bias scaler.
+      adam_lr: "muon": the peak learning rate of the params Muon does not update.
     """
 
     optimizer: str = "adam_l2"
@@ -64,6 +76,11 @@ class OptimConfig:
     schedule: str = "constant"
     warmup_frac: float = 0.15
     label_smoothing: float = 0.0
+    ema: float = 0.0
+    ema_bn_batches: int = 16
+    momentum: float = 0.9
+    bias_lr_scale: float = 1.0
+    adam_lr: float = 3e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +98,9 @@ class DefenseConfig:
       co_guard: if > 0 (adversarial training), measure PGD-10 accuracy on 512 validation
         images after every epoch, keep the params with the best one, and stop when it falls
         this many points below its best (catastrophic overfitting).
+      adv_label_smoothing: label smoothing of adversarial training (None: the optim
+        section's). Smoothing gives spurious FGSM/PGD robustness (masked gradients), so
+        presets that smooth clean training turn it off here.
     """
 
     name: str = "none"
@@ -90,6 +110,7 @@ class DefenseConfig:
     pgd_steps: int = 7
     fast_alpha: float = 1.25
     co_guard: float = 0.0
+    adv_label_smoothing: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +220,7 @@ QUICK = TrainConfig(
     model=ModelConfig(norm="batch", bn_scale=False, bn_momentum=0.6, init="whiten"),
     optim=OptimConfig(optimizer="adamw", lr=3e-3, weight_decay=5e-2, schedule="triangular", warmup_frac=0.2,
                       label_smoothing=0.2),
+    defense=DefenseConfig(adv_label_smoothing=0.0),
     batch_size=256,
     epochs=8,
     patience=0,
@@ -227,7 +249,9 @@ def override(cfg: TrainConfig, fields: dict[str, Any]) -> TrainConfig:
                              f"{', '.join(sorted(_fields(type(target))))}")  # fmt: skip
         old = getattr(target, name)
         try:
-            if isinstance(old, bool):
+            if name == "adv_label_smoothing":  # optional: None means "as the optim section"
+                value = None if str(value).lower() == "none" else float(value)
+            elif isinstance(old, bool):
                 if str(value).lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 value = str(value).lower() in ("true", "1")
@@ -235,6 +259,7 @@ def override(cfg: TrainConfig, fields: dict[str, Any]) -> TrainConfig:
                 value = tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
             elif old is not None and not isinstance(old, str):
                 value = type(old)(value)
+
         except (TypeError, ValueError):
             raise ValueError(f"config field {key!r}: {value!r} is not a valid {type(old).__name__}") from None
         target = dataclasses.replace(target, **{name: value})

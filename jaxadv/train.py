@@ -35,12 +35,15 @@ to_float = evaluation.to_float
 
 
 class TrainState(struct.PyTreeNode):
-    """Params, BatchNorm statistics and optimizer state; `model` and `tx` are static."""
+    """Params, BatchNorm statistics and optimizer state; `model` and `tx` are static.
+
+    `ema_params` is the moving average of the params (`OptimConfig.ema`), or None."""
 
     step: Array
     params: Any
     batch_stats: Any
     opt_state: Any
+    ema_params: Any
     model: nn.Module = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
@@ -105,26 +108,55 @@ def frozen_params(cfg: ModelConfig) -> Callable[[tuple], bool] | None:
     return lambda path: getattr(path[0], "key", None) == "Conv_0"
 
 
+def label_smoothing(cfg: TrainConfig) -> float:
+    """The training loss's label smoothing: the defense's own for adversarial training, if set."""
+    if defenses.get(cfg.defense.name).adversarial and cfg.defense.adv_label_smoothing is not None:
+        return cfg.defense.adv_label_smoothing
+    return cfg.optim.label_smoothing
+
+
 def _optimizer(cfg: OptimConfig, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
     if cfg.optimizer == "adam_l2":
         # torch.optim.Adam(weight_decay=wd): wd * param is added to the gradient, then Adam.
         return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(learning_rate_fn))
     if cfg.optimizer == "adamw":
-        # Decay kernels only: decaying biases and BatchNorm scales just fights the normalization.
-        def mask(params):
-            return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+        return optax.adamw(learning_rate_fn, weight_decay=cfg.weight_decay, mask=_kernels)
+    if cfg.optimizer == "sgd_nesterov":
+        # PyTorch's SGD(nesterov=True, weight_decay=wd) on kernels; biases and BatchNorm
+        # shifts step `bias_lr_scale` times farther (airbench's bias scaler).
+        return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=_kernels),
+                           optax.sgd(learning_rate_fn, momentum=cfg.momentum, nesterov=True),
+                           optax.masked(optax.scale(cfg.bias_lr_scale), _biases))  # fmt: skip
+    if cfg.optimizer == "muon":
+        from optax.contrib import MuonDimensionNumbers, muon
 
-        return optax.adamw(learning_rate_fn, weight_decay=cfg.weight_decay, mask=mask)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected adam_l2 or adamw")
+        def conv_dims(params):  # a conv kernel (kh, kw, in, out) is a (kh*kw*in) x out matrix
+            return jax.tree.map(lambda a: MuonDimensionNumbers((0, 1, 2), 3) if a.ndim == 4 else None, params)
+
+        ratio = cfg.adam_lr / cfg.lr
+        return muon(learning_rate_fn, beta=cfg.momentum, weight_decay=cfg.weight_decay,
+                    adam_learning_rate=lambda t: ratio * learning_rate_fn(t), adam_weight_decay=cfg.weight_decay,
+                    muon_weight_dimension_numbers=conv_dims)  # fmt: skip
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected adam_l2, adamw, sgd_nesterov or muon")
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: PRNGKey, image_shape=(32, 32, 3)):
+def _kernels(params):
+    # Decay kernels only: decaying biases and BatchNorm shifts/scales just fights the normalization.
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def _biases(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "bias", params)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: PRNGKey, image_shape=(32, 32, 3),
+                       *, ema: bool = False):  # fmt: skip
     variables = jax.jit(functools.partial(model.init, train=False))(key, jnp.zeros((1, *image_shape), jnp.float32))
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-        opt_state=tx.init(params), model=model, tx=tx,
+        opt_state=tx.init(params), ema_params=jax.tree.map(jnp.copy, params) if ema else None, model=model, tx=tx,
     )  # fmt: skip
 
 
@@ -159,6 +191,7 @@ def train_step(
     batch_transform: BatchTransform = defenses.identity_transform,
     batch_sharding=None,
     alternate_flip_steps: int = 0,
+    ema: float = 0.0,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on batch `index` of the permutation `perm` of the device-resident data.
 
@@ -178,6 +211,7 @@ def train_step(
       batch_sharding: optional sharding of the batch axis over devices (data parallelism).
       alternate_flip_steps: steps per epoch when flips alternate per example across
         epochs (`alternate_flips`); 0: none here (`augment_fn` flips, or nothing does).
+      ema: decay of `state.ema_params`, ramped up as min(ema, (1 + t) / (10 + t)).
 
     Returns:
       (new state, metrics) with metrics {"loss", "correct", "count"} as device scalars (sums).
@@ -211,14 +245,37 @@ def train_step(
     with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 step counts with float schedules
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_params is not None:
+        t = state.step.astype(jnp.float32)
+        d = jnp.minimum(ema, (1.0 + t) / (10.0 + t))
+        ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
     n = jnp.asarray(y.shape[0], jnp.float32)
     metrics = {
         "loss": loss * n,
         "correct": jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.float32),
         "count": n,
     }
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state,
+                              ema_params=ema_params)  # fmt: skip
     return new_state, metrics
+
+
+def recompute_batch_stats(model: nn.Module, params, batch_stats, batches_u8: Array):
+    """BatchNorm statistics of `params` itself: the mean over `batches_u8` (u8[K,B,H,W,C])
+    of each batch's statistics in training mode. The moving average of the weights is a
+    network of its own, and the running statistics of the raw weights do not fit it."""
+    if not batch_stats:
+        return batch_stats
+    exact = model.clone(bn_momentum=0.0)  # the running statistics become the batch's own
+
+    def one(_, xb):
+        _, updates = exact.apply({"params": params, "batch_stats": batch_stats}, to_float(xb), train=True,
+                                 mutable=["batch_stats"])  # fmt: skip
+        return None, updates["batch_stats"]
+
+    _, stats = jax.lax.scan(one, None, batches_u8)
+    return jax.tree.map(lambda a: a.mean(0), stats)
 
 
 # ---------------------------------------------------------------------------------------
@@ -281,17 +338,21 @@ class _Run:
     stopped_early: bool = False
 
 
-def _copy_best(state: TrainState) -> dict:
-    # The step donates `state`'s buffers, so the best params must be a copy, not an alias.
-    return {"params": jax.tree.map(jnp.copy, state.params), "batch_stats": jax.tree.map(jnp.copy, state.batch_stats)}
+def _copy_best(variables: dict) -> dict:
+    # The step donates the state's buffers, so the best params must be a copy, not an alias.
+    return {"params": jax.tree.map(jnp.copy, variables["params"]),
+            "batch_stats": jax.tree.map(jnp.copy, variables.get("batch_stats", {}))}  # fmt: skip
 
 
 def _checkpoint_tree(state: TrainState, best: dict, key) -> dict:
-    return {
+    tree = {
         "params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
         "step": state.step, "best_params": best["params"], "best_batch_stats": best["batch_stats"],
         "key": jax.random.key_data(key),
     }  # fmt: skip
+    if state.ema_params is not None:
+        tree["ema_params"] = state.ema_params
+    return tree
 
 
 def _restore(run: _Run, cfg: TrainConfig, ckpt_dir: str, key, expected: dict, log) -> _Run:
@@ -307,7 +368,7 @@ def _restore(run: _Run, cfg: TrainConfig, ckpt_dir: str, key, expected: dict, lo
             raise checkpoint.CheckpointError(
                 f"checkpoint in {ckpt_dir} was written with {k}={meta[k]!r}, not {v!r}; use a new --out")
     state = run.state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
-                              opt_state=tree["opt_state"])  # fmt: skip
+                              opt_state=tree["opt_state"], ema_params=tree.get("ema_params"))  # fmt: skip
     best_score = meta.get("best_score", meta.get("best_val_loss"))
     stopped = bool(meta.get("stopped_early"))
     log(f"resumed from {ckpt_dir} after epoch {meta['epoch'] + 1}")
@@ -354,21 +415,23 @@ def _epoch_log(record: dict, epochs: int) -> str:
             + f", {record['seconds']:.1f}s, {record['img_per_s']:.0f} img/s")  # fmt: skip
 
 
-def _validate(run: _Run, cfg: TrainConfig, record: dict, val, deployed, monitor, log) -> str | None:
-    """Score the epoch on validation data, update the best params; the reason to stop, or None."""
+def _validate(run: _Run, cfg: TrainConfig, record: dict, variables: dict, val, deployed, monitor,
+              log) -> str | None:  # fmt: skip
+    """Score the epoch's `variables` on validation data, update the best params; the reason
+    to stop, or None."""
     if val is None:
-        run.best = _copy_best(run.state)
+        run.best = _copy_best(variables)
         return None
-    v = evaluation.evaluate(deployed, run.state.variables, *val)
+    v = evaluation.evaluate(deployed, variables, *val)
     record.update(val_loss=v["loss"], val_accuracy_pct=v["accuracy_pct"])
     score = v["loss"]
     if monitor is not None:
-        record["val_robust_accuracy_pct"] = monitor(distributed.local(run.state.variables))
+        record["val_robust_accuracy_pct"] = monitor(distributed.local(variables))
         score = -record["val_robust_accuracy_pct"]
     run.stopping, improved, reason = update_stopping(run.stopping, score, patience=cfg.patience,
                                                      co_guard=cfg.defense.co_guard, robust=monitor is not None)
     if improved:
-        run.best = _copy_best(run.state)
+        run.best = _copy_best(variables)
     return reason
 
 
@@ -420,13 +483,13 @@ def fit(
     model = create_model(cfg, num_classes)
     lr_fn = create_learning_rate_fn(cfg.optim, cfg.epochs * steps)
     state = create_train_state(model, create_optimizer(cfg.optim, lr_fn, frozen_params(cfg.model)), init_key,
-                               train_images.shape[1:])  # fmt: skip
+                               train_images.shape[1:], ema=cfg.optim.ema > 0)  # fmt: skip
     if cfg.model.init == "whiten":
         v = whiten_and_dirac(state.variables, model, train_images)
-        state = state.replace(params=v["params"])
+        state = state.replace(params=v["params"], ema_params=v["params"] if state.ema_params is not None else None)
     if defense is None:
         defense = defenses.resolve(cfg.defense, make_apply(model), val_images, val_labels)
-    run = _Run(state=state, best=_copy_best(state), stopping=Stopping(), history=[])
+    run = _Run(state=state, best=_copy_best(state.variables), stopping=Stopping(), history=[])
     expected = {"n_train": n, **(extra_meta or {})}
     if resume and ckpt_dir and checkpoint.latest_step(ckpt_dir) is not None:
         run = _restore(run, cfg, ckpt_dir, train_key, expected, log)
@@ -435,11 +498,15 @@ def fit(
     parallel.check_divisible(cfg.batch_size, mesh)
     repl = parallel.replicated(mesh)
     step_fn = jax.jit(functools.partial(
-        train_step, batch_size=cfg.batch_size, label_smoothing=cfg.optim.label_smoothing,
+        train_step, batch_size=cfg.batch_size, label_smoothing=label_smoothing(cfg),
         augment_fn=make_augment(cfg), batch_transform=defense.batch_transform,
         batch_sharding=parallel.batch_sharded(mesh) if mesh.devices.size > 1 else None,
-        alternate_flip_steps=steps if cfg.augment and cfg.flip == "alternate" else 0,
+        alternate_flip_steps=steps if cfg.augment and cfg.flip == "alternate" else 0, ema=cfg.optim.ema,
     ), donate_argnums=(0,))  # fmt: skip
+    bn_batches = min(cfg.optim.ema_bn_batches, steps)
+    ema_stats = jax.jit(lambda params, stats, images, perm: recompute_batch_stats(
+        model, params, stats, images[perm[:bn_batches * cfg.batch_size]].reshape(
+            bn_batches, cfg.batch_size, *images.shape[1:])))  # fmt: skip
     deployed = defense.deployed(make_apply(model))
     val = (val_images, val_labels) if val_labels is not None and len(val_labels) else None
     # Every process holds the same host data and puts it only on its own devices; with
@@ -457,7 +524,11 @@ def fit(
                   "train_accuracy_pct": 100 * totals["correct"] / totals["count"],
                   "lr": _lr(lr_fn, int(run.state.step) - 1), "seconds": seconds,
                   "img_per_s": totals["count"] / seconds}  # fmt: skip
-        reason = _validate(run, cfg, record, val, deployed, defense.monitor, log)
+        variables = run.state.variables
+        if run.state.ema_params is not None:  # the average, with BatchNorm statistics of its own
+            variables = variables_of(run.state.ema_params, ema_stats(run.state.ema_params, run.state.batch_stats,
+                                                                     data[0], distributed.replicate(perm, repl)))
+        reason = _validate(run, cfg, record, variables, val, deployed, defense.monitor, log)
         run.stopped_early = reason is not None
         record["stopped_early"] = run.stopped_early
         run.history.append(record)
@@ -561,7 +632,8 @@ def load_trained(ckpt_dir: str, *, which: str = "best"):
     model = create_model(cfg, meta.get("num_classes", 10))
     tx = create_optimizer(cfg.optim, create_learning_rate_fn(cfg.optim, 1), frozen_params(cfg.model))
     image_shape = tuple(meta.get("image_shape", (32, 32, 3)))
-    shapes = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.key(0), image_shape))
+    shapes = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.key(0), image_shape,
+                                                       ema=cfg.optim.ema > 0))  # fmt: skip
     if meta.get("format") == pretrained.FORMAT:  # best params only, checked against its model card
         pretrained.verify(ckpt_dir)
         template = {"best_params": shapes.params, "best_batch_stats": shapes.batch_stats}

@@ -98,3 +98,101 @@ def test_config_overrides_by_dotted_field():
                      ({"batch_size": "big"}, "not a valid int"), ({"model.bn_scale": "maybe"}, "not a valid bool")):
         with pytest.raises(ValueError, match=msg):
             override(QUICK, bad)
+
+
+# --- weight averaging, optimizers, label smoothing of adversarial training -----------------
+
+TINY_BN = ModelConfig(widths=(4, 8, 8), head=(16,), norm="batch", bn_scale=False, bn_momentum=0.6)
+
+
+def _state(optim: OptimConfig, *, ema: bool = False):
+    model = train.create_model(TINY_BN, 4)
+    tx = train.create_optimizer(optim, train.create_learning_rate_fn(optim, 10))
+    return train.create_train_state(model, tx, jax.random.key(0), ema=ema)
+
+
+def _one_step(state, optim: OptimConfig, **kw):
+    s = data.synthetic(64, 8, num_classes=4, val_size=0, seed=3)
+    step = jax.jit(lambda st, x, y, perm: train.train_step(st, x, y, perm, jnp.int32(0), jax.random.key(1),
+                                                           batch_size=32, **kw))  # fmt: skip
+    return step(state, jnp.asarray(s.train.images), jnp.asarray(s.train.labels), jnp.arange(64, dtype=jnp.int32))
+
+
+def test_ema_follows_its_formula_with_the_ramp():
+    optim = OptimConfig(optimizer="adamw", lr=1e-2, ema=0.99)
+    st0 = _state(optim, ema=True)
+    st1, _ = _one_step(st0, optim, ema=0.99)
+    st2, _ = _one_step(st1, optim, ema=0.99)
+    d0, d1 = 1 / 10, 2 / 11  # min(0.99, (1 + t) / (10 + t)) at steps 0 and 1
+    for e0, p1, p2, e2 in zip(*(jax.tree.leaves(t) for t in (st0.params, st1.params, st2.params, st2.ema_params))):
+        e1 = d0 * np.asarray(e0) + (1 - d0) * np.asarray(p1)
+        np.testing.assert_allclose(e2, d1 * e1 + (1 - d1) * np.asarray(p2), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(jax.tree.leaves(st2.ema_params)[-1], jax.tree.leaves(st2.params)[-1])
+
+
+def test_recomputed_batch_stats_are_the_data_statistics():
+    """The first BatchNorm's statistics equal the mean and variance of the first conv's
+    output over all the batches (equal-size batches: the mean of batch means is the mean)."""
+    model = train.create_model(TINY_BN, 4)
+    v = init_params(model, jax.random.key(0))
+    x = np.random.default_rng(0).integers(0, 256, (3, 16, 32, 32, 3), dtype=np.uint8)
+    stats = train.recompute_batch_stats(model, v["params"], v["batch_stats"], jnp.asarray(x))
+    xf = (x.reshape(-1, 32, 32, 3) / 255.0 - np.asarray(model.mean)) / np.asarray(model.std)
+    h = jax.lax.conv_general_dilated(jnp.asarray(xf, jnp.float32), v["params"]["Conv_0"]["kernel"], (1, 1),
+                                     ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+    h = np.asarray(h, np.float64).reshape(3, -1, 4)
+    np.testing.assert_allclose(stats["BatchNorm_0"]["mean"], h.mean((0, 1)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stats["BatchNorm_0"]["var"], h.var(1).mean(0), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(stats["BatchNorm_0"]["mean"], v["batch_stats"]["BatchNorm_0"]["mean"])
+
+
+def test_a_run_with_ema_validates_and_returns_the_average(tmp_path):
+    cfg = TrainConfig(name="tiny", model=TINY_BN, optim=OptimConfig(optimizer="adamw", lr=1e-2, ema=0.9),
+                      batch_size=32, epochs=2, val_size=32, patience=0, log_every=4)  # fmt: skip
+    s = data.synthetic(128, 16, num_classes=4, val_size=32, seed=1)
+    r = train.fit(cfg, s.train.images, s.train.labels, s.val.images, s.val.labels, key=jax.random.key(0),
+                  num_classes=4, progress=False, ckpt_dir=str(tmp_path / "ck"))  # fmt: skip
+    _, v, cfg2, _ = train.load_trained(str(tmp_path / "ck"))
+    _, last, _, _ = train.load_trained(str(tmp_path / "ck"), which="last")
+    assert cfg2 == cfg
+    for a, b in zip(jax.tree.leaves(r.state.variables), jax.tree.leaves(v)):
+        np.testing.assert_array_equal(a, b)  # what fit returns is what "best" loads: the average
+    assert not np.allclose(v["params"]["Dense_1"]["kernel"], last["params"]["Dense_1"]["kernel"])
+    assert not np.allclose(v["batch_stats"]["BatchNorm_0"]["mean"], last["batch_stats"]["BatchNorm_0"]["mean"])
+
+
+def test_sgd_nesterov_scales_bias_steps():
+    optim = OptimConfig(optimizer="sgd_nesterov", lr=0.1, momentum=0.9, bias_lr_scale=8.0, weight_decay=0.0,
+                        schedule="constant")  # fmt: skip
+    st0 = _state(optim)
+    grads = jax.tree.map(jnp.ones_like, st0.params)
+    updates, _ = st0.tx.update(grads, st0.opt_state, st0.params)
+    first = -0.1 * (1 + 0.9)  # Nesterov's first step from zero momentum: -lr (g + m g)
+    np.testing.assert_allclose(updates["BatchNorm_0"]["bias"], 8.0 * first, rtol=1e-6)
+    np.testing.assert_allclose(updates["Dense_0"]["bias"], 8.0 * first, rtol=1e-6)
+    np.testing.assert_allclose(updates["Conv_1"]["kernel"], first, rtol=1e-6)
+
+
+def test_muon_orthogonalizes_conv_kernels_and_adams_the_rest():
+    optim = OptimConfig(optimizer="muon", lr=0.02, adam_lr=1e-3, weight_decay=0.0, schedule="constant")
+    st0 = _state(optim)
+    grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(a.size), a.shape), st0.params)
+    with jax.numpy_dtype_promotion("standard"):  # as in train_step: optax mixes int steps and floats
+        updates, _ = st0.tx.update(grads, st0.opt_state, st0.params)
+    k = np.asarray(updates["Conv_2"]["kernel"]).reshape(-1, 8)  # (3*3*8) x 8
+    sv = np.linalg.svd(k, compute_uv=False) / 0.02
+    assert sv.min() > 0.5 and sv.max() < 1.5, sv  # about orthogonal (Newton-Schulz is approximate)
+    g = np.asarray(grads["Conv_2"]["kernel"]).reshape(-1, 8)
+    assert np.linalg.svd(g, compute_uv=False).max() / np.linalg.svd(g, compute_uv=False).min() > 2  # the gradient is not
+    # The rest: Nesterov Adam's first step, the same size everywhere: adam_lr (1 + b1 (1 - b1) / (1 - b1^2)).
+    d = np.abs(np.asarray(updates["Dense_0"]["kernel"]))
+    np.testing.assert_allclose(d, 1e-3 * (1 + 0.9 * 0.1 / (1 - 0.81)), rtol=1e-4)
+
+
+def test_adversarial_training_uses_its_own_label_smoothing():
+    from jaxadv.configs import FAST, override
+
+    assert train.label_smoothing(QUICK) == 0.2 and train.label_smoothing(QUICK.with_defense("median")) == 0.2
+    assert train.label_smoothing(QUICK.with_defense("fgsm_at")) == 0.0  # smoothing would mask FGSM's gradient
+    assert train.label_smoothing(FAST.with_defense("fgsm_at")) == 0.1  # unset: the optim section's
+    assert override(QUICK, {"defense.adv_label_smoothing": "none"}).defense.adv_label_smoothing is None
