@@ -137,8 +137,8 @@ def _study_flags(st: argparse.ArgumentParser) -> None:
 
     _add_data_flags(st, train=True)
     st.add_argument("--out", required=True, help="output directory")
-    st.add_argument("--config", default="fast", choices=sorted(configs.PRESETS),
-                    help="training preset shared by the models")
+    st.add_argument("--config", default=None, choices=sorted(configs.PRESETS),
+                    help="training preset shared by the models (default: fast; with --pretrained, theirs)")
     st.add_argument("--epochs", type=_positive_int, default=None, help="maximum epochs per model (default: the config's)")
     st.add_argument("--set", type=_field_value, action="append", default=[], metavar="FIELD=VALUE",
                     help="override one field of the preset shared by the models (see jaxadv train --help)")
@@ -148,6 +148,9 @@ def _study_flags(st: argparse.ArgumentParser) -> None:
     st.add_argument("--deepfool-overshoot", type=float, default=0.02, help="DeepFool overshoot")
     st.add_argument("--clean-run", default=None,
                     help="reuse a finished 'jaxadv train' run directory as the clean model (its own config and budget)")
+    st.add_argument("--pretrained", nargs="?", const="quick", default=None, metavar="DIR",
+                    help="evaluate pretrained models instead of training: DIR/none, DIR/adversarial_training and "
+                    "DIR/median_squeezing (default: the repository's pretrained/quick, trained with --config quick)")
     st.add_argument("--attack-batch", type=_positive_int, default=500, help="batch size for attacks and evaluation")
     st.add_argument("--suite", choices=study.SUITES, default="seed",
                     help="seed: the study's 3x3 table; extended: also PGD and fast adversarial training, white-box PGD, "
@@ -333,6 +336,18 @@ def cmd_study(args, log) -> int:
         raise UsageError(f"--at-co-guard must be >= 0 (points), got {args.at_co_guard}")
     if args.clean_run is not None:
         checkpoint.read_meta(_resolve_ckpt_dir(args.clean_run))  # a typo fails now, not after hours of training
+    pretrained = None
+    if args.pretrained is not None:
+        from jaxadv import pretrained as pretrained_mod
+
+        if args.clean_run is not None or args.set or args.epochs is not None:
+            raise UsageError("--pretrained evaluates the shipped models as they are: drop --clean-run, --set and --epochs")
+        try:
+            pretrained = pretrained_mod.resolve_dir(args.pretrained)
+            args.config = args.config or pretrained_mod.config_name(pretrained)
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
+    args.config = args.config or "fast"
     _check_writable(Path(args.out))
     cfg = _config(args)
     settings = study.Settings(
@@ -343,7 +358,7 @@ def cmd_study(args, log) -> int:
     splits = _load_splits(args, cfg.val_size, log)
     study.run(splits, args.out, base=cfg, suite=args.suite, settings=settings, seed=args.seed,
               attack_batch=args.attack_batch, progress=not args.no_progress, log=log.info,
-              clean_run=args.clean_run)  # fmt: skip
+              clean_run=args.clean_run, pretrained=pretrained)  # fmt: skip
     from jaxadv import distributed
 
     if distributed.is_primary():  # process 0 wrote it; the others may get here first

@@ -24,6 +24,32 @@ from jaxadv import checkpoint, io
 
 FORMAT = "jaxadv-pretrained-1"
 
+# The models shipped with the repository: pretrained/<set>/<study row>/ (see pretrained/README.md).
+SHIPPED = Path(__file__).resolve().parent.parent / "pretrained"
+
+
+def resolve_dir(where: str | Path) -> Path:
+    """A directory of pretrained models: a path, or the name of a shipped set ("quick").
+
+    Raises:
+      FileNotFoundError: neither exists (one line, naming both places looked in).
+    """
+    p = Path(where)
+    if p.is_dir():
+        return p
+    if (SHIPPED / str(where)).is_dir():
+        return SHIPPED / str(where)
+    raise FileNotFoundError(f"no pretrained models at {where} (nor {SHIPPED / str(where)})")
+
+
+def config_name(models_dir: str | Path) -> str:
+    """The preset the models in `models_dir` were trained with (from the clean model's card)."""
+    card = io.read_json(Path(models_dir) / "none" / "card.json") if (Path(models_dir) / "none" / "card.json").is_file() \
+        else None  # fmt: skip
+    if not card:
+        raise FileNotFoundError(f"{models_dir} has no none/card.json: not a directory of pretrained study models")
+    return str(card.get("config", {}).get("name", "fast"))
+
 
 def checksum(ckpt_dir: str | Path) -> str:
     """sha256 over every file under `ckpt_dir` (relative path and bytes, in sorted order)."""

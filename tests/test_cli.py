@@ -96,6 +96,8 @@ def test_train_then_evaluate_a_tiny_run(tiny_tree, tmp_path):
         (["evaluate", "--checkpoint", "/no/such/ckpt"], "checkpoint not found"),
         (["study", "--out", "X", "--deepfool-overshoot", "nan"], "--deepfool-overshoot must be"),
         (["study", "--out", "X", "--clean-run", "/no/such/run"], "checkpoint not found"),
+        (["study", "--out", "X", "--pretrained", "/no/such/models"], "no pretrained models at /no/such/models"),
+        (["study", "--out", "X", "--pretrained", "--epochs", "2"], "--pretrained evaluates the shipped models"),
         (["train", "--out", "/proc/nope", "--epochs", "1"], "cannot write to --out"),
         (["train", "--out", "X", "--bogus"], "unrecognized arguments: --bogus"),
         (["train", "--out", "X", "--defense", "magic"], "invalid choice: 'magic'"),

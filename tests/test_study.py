@@ -110,3 +110,30 @@ def test_a_0_1_study_directory_is_named_and_its_models_reused(runs, tmp_path):
     results, lines = _run(splits, old)
     assert any("jaxadv 0.1" in line for line in lines) and not any(line.startswith("[train") for line in lines)
     assert [c["accuracy_pct"] for c in results["cells"]] == [c["accuracy_pct"] for c in seed["cells"]]
+
+
+def test_pretrained_models_are_evaluated_not_trained(runs, tmp_path):
+    """`study.run(pretrained=DIR)` (`jaxadv study --pretrained`): the exported models give
+    the seed table of the run that trained them, and nothing is trained."""
+    from jaxadv import pretrained
+
+    out, splits, seed, _ = runs
+    shipped = tmp_path / "shipped"
+    for name in ("none", "adversarial_training", "median_squeezing"):
+        pretrained.export(out / "models" / name / "checkpoints", shipped / name, name=name, description="test",
+                          test_accuracy_pct=0.0)  # fmt: skip
+    res, lines = _run(splits, tmp_path / "eval", pretrained=shipped)
+    assert not any("[train" in line for line in lines) and not (tmp_path / "eval" / "models").exists()
+    got, want = _acc(res), _acc(seed)
+    for key in want:
+        assert got[key]["accuracy_pct"] == want[key]["accuracy_pct"], key
+    assert res["training"]["none"]["reused"] == str(shipped / "none")
+
+    import shutil
+
+    shutil.rmtree(shipped / "median_squeezing")
+    with pytest.raises(ValueError, match="no pretrained model 'median_squeezing'"):
+        _run(splits, tmp_path / "eval2", pretrained=shipped)
+    shutil.copytree(shipped / "none", shipped / "median_squeezing")
+    with pytest.raises(ValueError, match="trained with defense 'none'.*needs 'median'"):
+        _run(splits, tmp_path / "eval3", pretrained=shipped)

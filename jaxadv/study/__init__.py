@@ -38,6 +38,7 @@ def run(
     log: Callable[[str], None] = print,
     environment: dict | None = None,
     clean_run: str | Path | None = None,
+    pretrained: str | Path | None = None,
 ) -> dict:
     """Train (or reuse) the suite's models, evaluate its cells, write OUT/results.{json,md} and figures.
 
@@ -53,6 +54,8 @@ def run(
       log: one-line progress messages.
       environment: provenance block stored in results.json (default: `io.environment()`).
       clean_run: use this finished `jaxadv train` run directory as the clean model.
+      pretrained: a directory of pretrained models, one per row (PRETRAINED/none/,
+        PRETRAINED/adversarial_training/, ...; see `jaxadv.pretrained`): evaluate them, train nothing.
 
     Returns:
       the results dict written to OUT/results.json.
@@ -67,7 +70,7 @@ def run(
     environment = environment or io.environment()
     cfgs = model_configs(base, settings, extended=suite == "extended")
     models = ModelStore(out, cfgs, splits, seed=seed, progress=progress, log=log, clean_run=clean_run,
-                        environment=environment)  # fmt: skip
+                        environment=environment, pretrained=pretrained)  # fmt: skip
     for name in sorted(cfgs, key=lambda k: k == "none"):  # the clean model last: it may be a --clean-run in training
         models(name)
     cells = extended_cells(settings) if suite == "extended" else seed_cells(settings)

@@ -23,7 +23,7 @@ class Model:
     history: list
     checkpoint: str
     step: int
-    reused: str | None = None  # a --clean-run directory
+    reused: str | None = None  # a --clean-run or pretrained model directory
 
     @property
     def deployed(self) -> ApplyFn:
@@ -47,16 +47,20 @@ def finished(ckpt_dir: Path, cfg: TrainConfig | None = None) -> bool:
 class ModelStore:
     """`store(name) -> Model`: trains `cfgs[name]` into OUT/models/<name>/ with
     `train.train_and_evaluate` the first time it is needed (resuming an interrupted run),
-    then loads it. "none" may instead be a finished `jaxadv train` run (`clean_run`)."""
+    then loads it. "none" may instead be a finished `jaxadv train` run (`clean_run`), and
+    with `pretrained` every model is PRETRAINED/<name>/ (`jaxadv.pretrained`), never trained."""
 
     def __init__(self, out: str | Path, cfgs: dict[str, TrainConfig], splits, *, seed: int = 0,
                  progress: bool = True, log: Callable[[str], None] = print, clean_run: str | Path | None = None,
-                 environment: dict | None = None):  # fmt: skip
+                 environment: dict | None = None, pretrained: str | Path | None = None):  # fmt: skip
         self.out, self.cfgs, self.splits = Path(out), dict(cfgs), splits
+        self.pretrained = None if pretrained is None else Path(pretrained)
         self.seed, self.progress, self.log, self.clean_run, self.environment = seed, progress, log, clean_run, environment
         self.models: dict[str, Model] = {}
 
     def _ckpt_dir(self, name: str) -> Path:
+        if self.pretrained is not None:
+            return self.pretrained / name / "checkpoints"
         if name == "none" and self.clean_run is not None:
             return Path(self.clean_run) / "checkpoints"
         return self.out / "models" / name / "checkpoints"
@@ -68,7 +72,10 @@ class ModelStore:
             raise ValueError(f"unknown model {name!r}; the study knows {sorted(self.cfgs)}")
         ckpt = self._ckpt_dir(name)
         reused = None
-        if name == "none" and self.clean_run is not None:
+        if self.pretrained is not None:
+            reused = str(ckpt.parent)
+            self._check_pretrained(name, ckpt)
+        elif name == "none" and self.clean_run is not None:
             reused = str(self.clean_run)
             self._check_clean_run(ckpt)
         elif not finished(ckpt, self.cfgs[name]):
@@ -91,6 +98,18 @@ class ModelStore:
             if k in meta and meta[k] != v:
                 raise ValueError(f"{self.out / 'models' / name} was trained with {k}={meta[k]!r}, not {v!r}; "
                                  "use a new --out, or the same data and seed")
+
+    def _check_pretrained(self, name: str, ckpt: Path) -> None:
+        """A pretrained model must exist and carry this row's defense (its checksum is
+        verified when it loads). Its data is not checked: weights trained on the JPEG copy
+        may be evaluated on official CIFAR-10."""
+        if checkpoint.latest_step(ckpt) is None:
+            raise ValueError(f"no pretrained model {name!r}: {ckpt.parent} has no checkpoint")
+        _, meta = checkpoint.read_meta(ckpt)
+        got = TrainConfig.from_dict(meta.get("config", {})).defense.name
+        if got != self.cfgs[name].defense.name:
+            raise ValueError(f"pretrained model {ckpt.parent} was trained with defense {got!r}, but the study's "
+                             f"{name!r} row needs {self.cfgs[name].defense.name!r}")
 
     def _check_clean_run(self, ckpt: Path) -> None:
         if not finished(ckpt):
