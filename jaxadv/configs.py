@@ -88,13 +88,14 @@ class DefenseConfig:
     """The training-time defense, by name in `jaxadv.defenses.REGISTRY`, and its settings.
 
     Attributes:
-      name: "none", "median", "fgsm_at", "pgd_at" or "fast_at" (see `jaxadv.defenses`).
+      name: "none", "median", "fgsm_at", "pgd_at", "fast_at" or "nfgsm_at" (see `jaxadv.defenses`).
       eps: L-inf eps (pixels in [0, 1]) of adversarial training.
       adv_weight: fraction of each batch replaced by FGSM examples ("fgsm_at";
         Goodfellow's 0.5); "pgd_at" and "fast_at" train on adversarial examples only.
       median_size: filter size of "median" (training and deployment).
       pgd_steps: PGD steps of "pgd_at" (step size 2.5 * eps / steps).
       fast_alpha: step of "fast_at" in units of eps (Wong et al.: 1.25).
+      nfgsm_noise: "nfgsm_at" starts from x + U(-k eps, k eps), k = this (de Jorge et al.: 2).
       co_guard: if > 0 (adversarial training), measure PGD-10 accuracy on 512 validation
         images after every epoch, keep the params with the best one, and stop when it falls
         this many points below its best (catastrophic overfitting).
@@ -109,6 +110,7 @@ class DefenseConfig:
     median_size: int = 3
     pgd_steps: int = 7
     fast_alpha: float = 1.25
+    nfgsm_noise: float = 2.0
     co_guard: float = 0.0
     adv_label_smoothing: float | None = None
 

@@ -26,7 +26,7 @@ def transform(name, apply_fn=None, **settings):
 
 
 def test_the_registry_names_every_defense_and_rejects_others():
-    assert set(defenses.REGISTRY) == {"none", "median", "fgsm_at", "pgd_at", "fast_at"}
+    assert set(defenses.REGISTRY) == {"none", "median", "fgsm_at", "pgd_at", "fast_at", "nfgsm_at"}
     assert transform("none") is defenses.identity_transform
     assert all(d.adversarial == (name.endswith("_at")) for name, d in defenses.REGISTRY.items())
     with pytest.raises(ValueError, match="unknown defense 'nope'"):
@@ -121,6 +121,25 @@ def test_fast_and_pgd_transforms_are_random_start_pgd(getkey):
         ref = pgd(apply_fn, params, x, y, eps=0.03, step_size=step, steps=steps, key=jax.random.split(key, 4))
         np.testing.assert_allclose(x2, ref, atol=1e-6)
         assert float(jnp.abs(x2 - x).max()) <= 0.03 + 1e-6 and float(jnp.abs(x2 - x).max()) > 0.01
+
+
+def test_nfgsm_is_one_unprojected_fgsm_step_from_wide_noise(getkey):
+    """On a linear model the step is closed form: eps * sign(W^T (softmax - onehot)) at the noisy start."""
+    w = jax.random.normal(getkey(), (48, 3))
+    apply_fn = lambda p, x: x.reshape(x.shape[0], -1) @ p  # noqa: E731
+    x = jax.random.uniform(getkey(), (64, 4, 4, 3))
+    y = jnp.arange(64) % 3
+    key = getkey()
+    x2, y2 = transform("nfgsm_at", apply_fn, eps=0.03)(w, x, y, key)
+    start = np.clip(np.asarray(x) + np.asarray(jax.random.uniform(key, x.shape, minval=-0.06, maxval=0.06)), 0, 1)
+    logits = start.reshape(64, -1) @ np.asarray(w, np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    grad = (p - np.eye(3)[np.asarray(y)]) @ np.asarray(w, np.float64).T
+    np.testing.assert_allclose(x2, np.clip(start + 0.03 * np.sign(grad).reshape(x.shape), 0, 1), atol=1e-6)
+    delta = np.abs(np.asarray(x2) - np.asarray(x))
+    assert delta.max() > 0.05 and delta.max() <= 0.09 + 1e-6  # beyond eps (no projection), within (1 + 2) eps
+    np.testing.assert_array_equal(y2, y)
 
 
 def test_catastrophic_overfitting_guard_stops_and_keeps_the_most_robust_params():

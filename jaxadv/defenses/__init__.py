@@ -21,6 +21,7 @@ from jaxadv.defenses.training import (
     fgsm_adversarial_transform,
     identity_transform,
     median_transform,
+    nfgsm_adversarial_transform,
     pgd_adversarial_transform,
     robust_monitor,
 )
@@ -60,6 +61,10 @@ def _fast_at(cfg: DefenseConfig, apply_fn: ApplyFn) -> BatchTransform:
                              step_size=cfg.fast_alpha * cfg.eps)  # fmt: skip
 
 
+def _nfgsm_at(cfg: DefenseConfig, apply_fn: ApplyFn) -> BatchTransform:
+    return functools.partial(nfgsm_adversarial_transform, apply_fn=apply_fn, eps=cfg.eps, noise=cfg.nfgsm_noise)
+
+
 REGISTRY: dict[str, Defense] = {
     d.name: d
     for d in (
@@ -73,6 +78,8 @@ REGISTRY: dict[str, Defense] = {
                 transform=_pgd_at, adversarial=True),
         Defense("fast_at", "fast adversarial training: FGSM from a random start (Wong et al. 2020)",
                 transform=_fast_at, adversarial=True),
+        Defense("nfgsm_at", "N-FGSM: FGSM step eps from a U(-2 eps, 2 eps) start, unprojected (de Jorge et al. 2022)",
+                transform=_nfgsm_at, adversarial=True),
     )
 }  # fmt: skip
 
@@ -118,4 +125,4 @@ def deployed_apply(cfg: DefenseConfig, apply_fn: ApplyFn) -> ApplyFn:
 
 
 __all__ = ["REGISTRY", "Defense", "Resolved", "deployed_apply", "fgsm_adversarial_transform", "get",
-           "identity_transform", "median_transform", "pgd_adversarial_transform", "resolve", "robust_monitor"]
+           "identity_transform", "median_transform", "nfgsm_adversarial_transform", "pgd_adversarial_transform", "resolve", "robust_monitor"]
