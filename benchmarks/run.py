@@ -49,6 +49,9 @@ from jaxadv.configs import DefenseConfig, get_config
 
 MODEL_OPS = ("forward", "input_grad", "train_step", "train_step_fgsm_at")
 OTHER_OPS = ("median3x3_f32", "median3x3_u8", "median2x2_f32", "median2x2_u8", "evaluate")
+# FGSM and DeepFool on a user's plain Flax model beside jaxadv's, in subprocesses that
+# import JAX before jaxadv and after it (`benchmarks/user_model.py`).
+USER_OPS = ("user_model",)
 EPS = 0.1
 DEEPFOOL = {"num_candidates": 10, "overshoot": 0.02, "max_iter": 50}
 PGD = {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10}
@@ -59,7 +62,7 @@ ATTACK_SETTINGS = {"fgsm": {"eps": EPS}, "pgd": PGD, "deepfool": DEEPFOOL}
 
 def jax_ops() -> tuple[str, ...]:
     """Every op the harness times: the model ops, one per registered attack, the medians."""
-    return MODEL_OPS + tuple(attacks.REGISTRY) + OTHER_OPS
+    return MODEL_OPS + tuple(attacks.REGISTRY) + OTHER_OPS + USER_OPS
 
 
 def attack_settings(name: str) -> dict:
@@ -245,7 +248,7 @@ def run_jax(s: Setting, ops, batches, *, warmup, repeats, log, deepfool_batches,
     """Records of the jaxadv ops at every batch size (and the DeepFool ideal-time check)."""
     recs = []
     for op in ops:
-        if op == "evaluate":
+        if op in ("evaluate",) + USER_OPS:
             continue
         bs = deepfool_batches if op == "deepfool" else train_batches if op.startswith("train_step") else batches
         for b in bs:
@@ -328,6 +331,27 @@ def run_peers(s: Setting, ops, batch, deepfool_batch, *, warmup, repeats, log, s
     return recs
 
 
+def run_user_model(checkpoint: str | None, data: str | None, batch: int, deepfool_batch: int, repeats: int,
+                   log) -> list[dict]:  # fmt: skip
+    """The plain-Flax user model beside jaxadv's, JAX imported before and after jaxadv."""
+    recs = []
+    for order in ("jax-first", "jaxadv-first"):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "user.json"
+            cmd = [sys.executable, "-m", "benchmarks.user_model", "--order", order, "--batch", str(batch),
+                   "--deepfool-batch", str(deepfool_batch), "--repeats", str(repeats), "--out", str(out)]
+            cmd += ["--checkpoint", checkpoint] if checkpoint else []
+            cmd += ["--data", data] if data else []
+            env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as a user's fresh shell has it
+            subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parent.parent)
+            rep = json.loads(out.read_text())
+        for r in rep["results"]:
+            r.update(xla_flag_applied=rep["xla_flag_applied"], user_model=True)
+            recs.append(r)
+            log(f"{r['op']:20s} {r['impl']} ({order}) b{r['batch']:<4d} {r['img_per_s']:9.1f} img/s")
+    return recs
+
+
 def run_devices(args, counts: list[int], log) -> list[dict]:
     """Forward, FGSM and the train step with the batch sharded over N simulated CPU devices."""
     recs = []
@@ -366,7 +390,8 @@ def markdown(report: dict) -> str:
              f"or for fast ops enough back-to-back calls to last 10 ms (per-call time reported); "
              f"spread = slowest..fastest sample.", ""]  # fmt: skip
     mine = [r for r in recs if r["impl"] == "jaxadv"]
-    peer = [r for r in recs if r["impl"] != "jaxadv" and "devices" not in r]
+    user = [r for r in recs if r.get("user_model")]
+    peer = [r for r in recs if r["impl"] != "jaxadv" and "devices" not in r and not r.get("user_model")]
     if peer:
         lines += ["## jaxadv beside the peers (same weights, same inputs)", "",
                   "jaxadv and the peers of an op are timed in turn, one sample each per round, so each ratio "
@@ -405,6 +430,20 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['op']} | {dtype} | {r['batch']} | {_fmt(r['img_per_s'])} | "
                      f"{_fmt(r['img_per_s_min'])}–{_fmt(r['img_per_s_max'])} | {_fmt(r.get('compile_s'), 2)} | "
                      f"{'; '.join(notes)} |")  # fmt: skip
+    if user:
+        base = {(r["op"], r["order"]): r["img_per_s"] for r in user if r["impl"] == "jaxadv CNN"}
+        lines += ["", "## A user's own model: plain Flax layers, JAX imported first", "",
+                  "The study's CNN written with stock Flax layers (`nn.max_pool`) beside jaxadv's CNN (reshape + "
+                  "max pooling), same weights and inputs, each in a fresh process that imports JAX before jaxadv "
+                  "(its XLA:CPU flag then cannot apply) or jaxadv first. Each pair is timed in turn within its "
+                  "process; the last column divides by jaxadv's CNN with jaxadv imported first.", "",
+                  "| op | batch | import order | model | XLA flag | img/s | / jaxadv CNN, jaxadv first |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in user:
+            ref = base.get((r["op"], "jaxadv-first"))
+            lines.append(f"| {r['op']} | {r['batch']} | {r['order']} | {r['impl']} | "
+                         f"{'on' if r['xla_flag_applied'] else 'off'} | {_fmt(r['img_per_s'])} | "
+                         f"{_fmt(ref and r['img_per_s'] / ref, 2)} |")  # fmt: skip
     dev = [r for r in recs if "devices" in r]
     if dev:
         lines += ["", "## Simulated devices (XLA_FLAGS=--xla_force_host_platform_device_count=N)", "",
@@ -469,7 +508,8 @@ def _ints(text: str) -> list[int]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="batch 128 (DeepFool 32) only, under 3 minutes")
+    p.add_argument("--quick", action="store_true", help="batch 128 (DeepFool 32) only, a few minutes; the shipped "
+                   "pretrained quick model and $JAXADV_DATA's test images when present")
     p.add_argument("--only", default=None, help=f"comma-separated ops of {','.join(jax_ops())}")
     p.add_argument("--out", default="benchmarks/results/latest.json", help="JSON report; .md and .png beside it")
     p.add_argument("--checkpoint", default=None, help="a `jaxadv train` run directory for trained weights")
@@ -519,8 +559,15 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     commit = io.git_commit(Path(__file__).parent)  # at the start: the code that runs, not edits made meanwhile
     pool = max(batches + train_batches + df_batches + [peer_batch])
+    checkpoint, data = args.checkpoint, args.data
+    if args.quick:  # the speed users get: trained weights and real images when they are at hand
+        from jaxadv import pretrained
+
+        shipped = pretrained.SHIPPED / "quick" / "none"
+        checkpoint = checkpoint or (str(shipped) if (shipped / "checkpoints").is_dir() else None)
+        data = data or os.environ.get("JAXADV_DATA") or None
     try:
-        setting = Setting(args.checkpoint, args.data, max(pool, n_eval if "evaluate" in ops else 0), "float32")
+        setting = Setting(checkpoint, data, max(pool, n_eval if "evaluate" in ops else 0), "float32")
     except (OSError, ValueError) as e:
         p.error(str(e).splitlines()[0])
     log(f"weights: {setting.weights}; inputs: {setting.inputs}; backend {jax.default_backend()}, "
@@ -553,6 +600,8 @@ def main(argv=None) -> int:
             log("peers not installed (pip install -e '.[bench-peers]' && pip install --no-deps torchattacks==3.5.1): "
                 + ", ".join(gone))  # fmt: skip
         recs += run_peers(setting, ops, peer_batch, df_peer_batch, slow_peers=args.slow_peers, **kw)
+    if "user_model" in ops:
+        recs += run_user_model(checkpoint, data, peer_batch, df_peer_batch, args.repeats, log)
     if args.devices:
         recs += run_devices(args, args.devices, log)
 

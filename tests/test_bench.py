@@ -153,3 +153,37 @@ def test_time_interleaved_rewarms_fast_functions_after_a_slow_one(monkeypatch):
     assert t["fast"]["calls_per_sample"] == 10 and t["slow"]["calls_per_sample"] == 1
     assert t["fast"]["times_s"] == pytest.approx([0.001] * 4)
     assert t["slow"]["times_s"] == pytest.approx([0.5] * 4)
+
+
+@pytest.mark.parametrize("norm", [None, "batch"])
+def test_the_plain_user_model_is_the_library_cnn_written_with_stock_layers(norm):
+    """Same param names, so the same weights load, and the same logits: the harness compares
+    speed on one function (nn.max_pool against reshape + max)."""
+    import jax
+
+    from benchmarks.user_model import plain_cnn
+    from jaxadv.models import CNN, init_params, make_apply
+
+    model = CNN(widths=(4, 8, 8), head=(16,), norm=norm, bn_scale=norm is None)
+    v = init_params(model, jax.random.key(0))
+    if norm:  # non-trivial running statistics
+        v["batch_stats"] = jax.tree.map(lambda a: a + 0.3, v["batch_stats"])
+    plain = plain_cnn((4, 8, 8), (16,), 10, norm, norm is None)
+    x = jax.random.uniform(jax.random.key(1), (3, 32, 32, 3))
+    assert jax.tree.structure(plain.init(jax.random.key(0), x)) == jax.tree.structure(v)
+    np.testing.assert_allclose(plain.apply(v, x), make_apply(model)(v, x), rtol=1e-5, atol=1e-5)
+
+
+def test_user_model_records_get_their_own_table():
+    env = {"cpu": "x", "cpu_count": 2, "versions": {"jax": "0"}, "backend": "cpu", "device_count": 1}
+    recs = [{"op": "fgsm", "impl": impl, "order": order, "batch": 128, "img_per_s": ips, "user_model": True,
+             "xla_flag_applied": order == "jaxadv-first"}
+            for impl, order, ips in (("plain Flax (nn.max_pool)", "jax-first", 400.0), ("jaxadv CNN", "jax-first", 500.0),
+                                     ("plain Flax (nn.max_pool)", "jaxadv-first", 600.0),
+                                     ("jaxadv CNN", "jaxadv-first", 800.0))]  # fmt: skip
+    md = run.markdown({"mode": "quick", "environment": env, "git_commit": "c", "weights": "w", "inputs": "i",
+                       "repeats": 5, "warmup": 1, "results": recs})  # fmt: skip
+    assert "## A user's own model" in md
+    assert "| fgsm | 128 | jax-first | plain Flax (nn.max_pool) | off | 400.0 | 0.50 |" in md
+    assert "| fgsm | 128 | jaxadv-first | jaxadv CNN | on | 800.0 | 1.00 |" in md
+    assert "jaxadv beside the peers" not in md
