@@ -128,10 +128,15 @@ def model_card_markdown(card: dict) -> str:
     cfg = json.dumps(card.get("config"), indent=1) if card.get("config") else "?"
     rows = [f"# {card['name']}", "", card["description"], "",
             "| field | value |", "|---|---|",
-            f"| test accuracy (single view, all 10,000 test images) | {card['test_accuracy_pct']:.2f} % |",
+            f"| test accuracy (single view, all 10,000 test images{', as deployed' if card.get('study_row') == 'median_squeezing' else ''}) | {card['test_accuracy_pct']:.2f} % |",
             f"| data | {data} |", f"| training images | {card.get('n_train')} |", f"| seed | {card.get('seed')} |",
             f"| epochs | {card.get('epochs')} |", f"| training time | {card.get('train_seconds', 0) / 60:.1f} min |",
             f"| date | {card['date']} |", f"| sha256 of checkpoints/ | `{card['sha256']}` |"]  # fmt: skip
+    if "test_accuracy_1000_pct" in card:
+        rows.append(f"| test accuracy on the 1,000-image subset of `jaxadv evaluate --test-subset 1000` | "
+                    f"{card['test_accuracy_1000_pct']:.2f} % |")
+    if "flip_tta_accuracy_pct" in card:
+        rows.append(f"| test accuracy with flip TTA (reported apart) | {card['flip_tta_accuracy_pct']:.2f} % |")
     for k in ("command", "machine"):
         if k in card:
             rows.append(f"| {k} | {card[k]} |")

@@ -64,3 +64,52 @@ def test_export_refuses_an_existing_directory(exported):
     with pytest.raises(FileExistsError):
         pretrained.export(root / "run" / "checkpoints", root / "tiny-clean", name="x", description="x",
                           test_accuracy_pct=0.0)
+
+
+# --- the models shipped in pretrained/quick ----------------------------------------------
+
+ROWS = {"none": "none", "adversarial_training": "fgsm_at", "median_squeezing": "median"}
+SHIPPED = pretrained.SHIPPED / "quick"
+shipped = pytest.mark.skipif(not all((SHIPPED / r / "card.json").is_file() for r in ROWS),
+                             reason=f"the pretrained models are not in {SHIPPED}")  # fmt: skip
+
+
+@shipped
+@pytest.mark.parametrize("row", ROWS)
+def test_shipped_models_load_and_match_their_cards(row):
+    card = pretrained.verify(SHIPPED / row / "checkpoints")  # the checksum, recomputed
+    apply_fn, v, cfg, meta = train.load_trained(str(SHIPPED / row / "checkpoints"))
+    assert card["config"] == cfg.to_dict() and cfg.name == "quick" and cfg.defense.name == ROWS[row]
+    assert meta["format"] == pretrained.FORMAT and card["study_row"] == row
+    size = sum(p.stat().st_size for p in (SHIPPED / row).rglob("*") if p.is_file())
+    assert size < 4e6  # params and BatchNorm statistics, no optimizer state
+    out = apply_fn(v, np.zeros((2, 32, 32, 3), np.float32))
+    assert out.shape == (2, 10) and np.all(np.isfinite(out))
+
+
+@shipped
+def test_a_corrupted_shipped_model_is_refused_in_one_line(tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "none"
+    shutil.copytree(SHIPPED / "none", bad)
+    victim = max((p for p in (bad / "checkpoints").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(victim.read_bytes())
+    raw[100] ^= 0x01
+    victim.write_bytes(bytes(raw))
+    assert cli.main(["evaluate", "--checkpoint", str(bad), "--data", "tfds-missing-dir-xyz"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "corrupt or modified" in err[0]
+
+
+@shipped
+@pytest.mark.parametrize("row", ROWS)
+def test_jaxadv_evaluate_reproduces_the_card_on_1000_test_images(row, real_archive, tmp_path):
+    card = json.loads((SHIPPED / row / "card.json").read_text())
+    out = tmp_path / "eval.json"
+    assert cli.main(["evaluate", "--checkpoint", str(SHIPPED / row), "--data", real_archive, "--test-subset", "1000",
+                     "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    got = json.loads(out.read_text())
+    assert got["n"] == 1000
+    # Up to two images may flip on another CPU's float rounding; the card's model is the one loaded.
+    assert got["accuracy_pct"] == pytest.approx(card["test_accuracy_1000_pct"], abs=0.2)
