@@ -27,7 +27,7 @@ ROWS = {
 
 def main(argv=None) -> int:
     import jaxadv  # noqa: F401  (before JAX starts: its XLA:CPU defaults)
-    from jaxadv import data, defenses, evaluation, pretrained, train
+    from jaxadv import data, defenses, evaluation, io, pretrained, train
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", required=True, help="a `jaxadv study` output directory (its models/<row>/)")
@@ -37,7 +37,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     full = data.load(args.data, val_size=0, progress=False).test
     subset = data.load(args.data, val_size=0, test_subset=1000, progress=False).test
-    machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores"
+    env = io.environment()
+    machine = f"{env.get('cpu') or platform.machine()}, {env.get('cpu_count')} CPU cores"
+    cards = []
     for row, description in ROWS.items():
         run = Path(args.clean_run) if row == "none" and args.clean_run else Path(args.study) / "models" / row
         ckpt = run / "checkpoints"
@@ -52,9 +54,28 @@ def main(argv=None) -> int:
                    "command": f"jaxadv study --config {cfg.name} (row {row}); then " + " ".join(
                        ["python", "experiments/export_pretrained.py", *(argv or sys.argv[1:])]),
                    "machine": machine})  # fmt: skip
+        cards.append(card)
         print(f"{row}: {acc:.2f}% on 10,000 test images ({acc_1k:.2f}% on the 1,000-image subset), "
               f"sha256 {card['sha256'][:12]} -> {Path(args.out) / row}")
+    io.write_text(Path(args.out) / "README.md", index(cards))
     return 0
+
+
+def index(cards: list[dict]) -> str:
+    """OUT/README.md: the models in one table."""
+    rows = ["# Pretrained study models", "",
+            "The study's three models, trained on the JPEG copy of CIFAR-10 (all 50,000 training images) with "
+            "the recipe in each card; accuracy on its 10,000 test images (official CIFAR-10 is typically a "
+            "little higher). Load with `jaxadv.train.load_trained(\"<dir>/checkpoints\")`, `jaxadv evaluate "
+            "--checkpoint <dir>`, or all three at once with `jaxadv study --pretrained`. The sha256 of each "
+            "checkpoints/ directory is verified on every load.", "",
+            "| dir | model | test % (single view) | 1,000-image subset % | flip TTA % | epochs | training min | sha256 |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in cards:
+        rows.append(f"| [{c['study_row']}]({c['study_row']}/MODEL_CARD.md) | {c['description']} | "
+                    f"{c['test_accuracy_pct']:.2f} | {c['test_accuracy_1000_pct']:.2f} | {c['flip_tta_accuracy_pct']:.2f} "
+                    f"| {c['epochs']} | {c['train_seconds'] / 60:.1f} | `{c['sha256'][:12]}` |")  # fmt: skip
+    return "\n".join(rows + ["", f"Exported {cards[0]['date']} by `experiments/export_pretrained.py` on {cards[0]['machine']}.", ""])
 
 
 if __name__ == "__main__":

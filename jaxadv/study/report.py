@@ -45,7 +45,8 @@ def seed_markdown(results: dict) -> str:
     lines.append("| median_squeezing, no test-time filter | "
                  + " | ".join(f"{ours[('median_squeezing_unfiltered', a)]:.1f} / – / –" for a in cols) + " |")
     n = results["data"]["test"]
-    lines += ["", f"n = {n} test images; FGSM eps = {results['settings']['eps']}; data: {results['data']['source']}."]
+    lines += ["", f"n = {n} test images; FGSM eps = {results['settings']['eps']}; data: {results['data']['source']}. "
+              "Every model is evaluated and attacked single-view, as deployed (no test-time augmentation)."]
     for r in results["cells"]:
         if r["table"] == "seed" and r["attack"] == "deepfool" and r["protocol"] == "white_box":
             lines.append(
