@@ -79,7 +79,7 @@ shipped = pytest.mark.skipif(not all((SHIPPED / r / "card.json").is_file() for r
 def test_shipped_models_load_and_match_their_cards(row):
     card = pretrained.verify(SHIPPED / row / "checkpoints")  # the checksum, recomputed
     apply_fn, v, cfg, meta = train.load_trained(str(SHIPPED / row / "checkpoints"))
-    assert card["config"] == cfg.to_dict() and cfg.name == "quick" and cfg.defense.name == ROWS[row]
+    assert TrainConfig.from_dict(card["config"]) == cfg and cfg.name == "quick" and cfg.defense.name == ROWS[row]
     assert meta["format"] == pretrained.FORMAT and card["study_row"] == row
     size = sum(p.stat().st_size for p in (SHIPPED / row).rglob("*") if p.is_file())
     assert size < 4e6  # params and BatchNorm statistics, no optimizer state
