@@ -58,60 +58,32 @@ def plain_cnn(widths=(32, 64, 128), head=(128,), num_classes=10, norm=None, bn_s
     return PlainCNN()
 
 
-def _setting(checkpoint: str | None, data: str | None, n: int):
-    import jax
-    import numpy as np
-
-    from jaxadv import configs, models, train
-
-    if checkpoint:
-        from pathlib import Path
-
-        ckpt = Path(checkpoint)
-        ckpt = ckpt / "checkpoints" if (ckpt / "checkpoints").is_dir() else ckpt
-        _, variables, cfg, _ = train.load_trained(str(ckpt))
-        weights = f"trained: {checkpoint} ({cfg.name} preset)"
-    else:
-        cfg = configs.get_config("fast")
-        variables = models.init_params(train.create_model(cfg), jax.random.key(0))
-        weights = "random init (fast preset)"
-    if data:
-        from jaxadv import data as data_mod
-
-        s = data_mod.load(data, val_size=0, test_subset=n, seed=0, progress=False).test
-        x, y, inputs = s.images.astype(np.float32) / 255.0, s.labels.astype(np.int32), f"{n} test images of {data}"
-    else:
-        rng = np.random.default_rng(0)
-        x = rng.random((n, 32, 32, 3), dtype=np.float32)
-        y, inputs = rng.integers(0, 10, n).astype(np.int32), f"{n} uniform random images"
-    m = cfg.model
-    plain = plain_cnn(m.widths, m.head, 10, m.norm, m.bn_scale)
-    return cfg, variables, plain, x, y, weights, inputs
-
-
 def measure(order: str, checkpoint: str | None, data: str | None, batch: int, deepfool_batch: int,
             repeats: int = 5) -> dict:  # fmt: skip
     """FGSM and DeepFool img/s of the plain model and of jaxadv's, same weights and inputs."""
     _start(order)
     import functools
+    import os
 
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxadv import _xla_flags, bench, models, train
+    from benchmarks.run import Setting  # imports JAX: only now, after the order is set
+    from jaxadv import _xla_flags, bench
     from jaxadv.attacks import deepfool, fgsm
 
-    cfg, variables, plain, x, y, weights, inputs = _setting(checkpoint, data, max(batch, deepfool_batch))
-    applies = {"plain Flax (nn.max_pool)": lambda v, xx: plain.apply(v, xx),
-               "jaxadv CNN": models.make_apply(train.create_model(cfg))}  # fmt: skip
-    for name, f in applies.items():  # same weights, same function
-        a = np.asarray(jax.jit(f)(variables, jnp.asarray(x[:8])))
-        b = np.asarray(jax.jit(applies["jaxadv CNN"])(variables, jnp.asarray(x[:8])))
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+    s = Setting(checkpoint, data, max(batch, deepfool_batch), "float32")
+    m = s.cfg.model
+    plain = plain_cnn(m.widths, m.head, 10, m.norm, m.bn_scale)
+    variables = s.variables
+    applies = {"plain Flax (nn.max_pool)": lambda v, xx: plain.apply(v, xx), "jaxadv CNN": s.apply}
+    x8 = jnp.asarray(s.batch(8)[0])  # same weights, same function
+    plain_logits = jax.jit(applies["plain Flax (nn.max_pool)"])(variables, x8)
+    np.testing.assert_allclose(plain_logits, jax.jit(s.apply)(variables, x8), rtol=1e-4, atol=1e-4)
     recs = []
     for op, b in (("fgsm", batch), ("deepfool", deepfool_batch)):
-        xb, yb = jnp.asarray(x[:b]), jnp.asarray(y[:b])
+        xb, yb = (jnp.asarray(a) for a in s.batch(b))
         fns = {}
         for name, f in applies.items():
             if op == "fgsm":
@@ -124,8 +96,8 @@ def measure(order: str, checkpoint: str | None, data: str | None, batch: int, de
             recs.append({"op": op, "impl": name, "order": order, "batch": b, "img_per_s": b / t["median_s"],
                          "img_per_s_min": b / t["max_s"], "img_per_s_max": b / t["min_s"],
                          "first_call_s": t["compile_s"]})  # fmt: skip
-    return {"order": order, "xla_flag_applied": _xla_flags.FLAG in __import__("os").environ.get("XLA_FLAGS", ""),
-            "weights": weights, "inputs": inputs, "results": recs}  # fmt: skip
+    return {"order": order, "xla_flag_applied": _xla_flags.FLAG in os.environ.get("XLA_FLAGS", ""),
+            "weights": s.weights, "inputs": s.inputs, "results": recs}  # fmt: skip
 
 
 def main(argv=None) -> int:

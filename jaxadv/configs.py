@@ -262,7 +262,6 @@ def override(cfg: TrainConfig, fields: dict[str, Any]) -> TrainConfig:
                 value = tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
             elif old is not None and not isinstance(old, str):
                 value = type(old)(value)
-
         except (TypeError, ValueError):
             raise ValueError(f"config field {key!r}: {value!r} is not a valid {type(old).__name__}") from None
         target = dataclasses.replace(target, **{name: value})

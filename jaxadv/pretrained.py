@@ -44,11 +44,10 @@ def resolve_dir(where: str | Path) -> Path:
 
 def config_name(models_dir: str | Path) -> str:
     """The preset the models in `models_dir` were trained with (from the clean model's card)."""
-    card = io.read_json(Path(models_dir) / "none" / "card.json") if (Path(models_dir) / "none" / "card.json").is_file() \
-        else None  # fmt: skip
-    if not card:
+    card = Path(models_dir) / "none" / "card.json"
+    if not card.is_file():
         raise FileNotFoundError(f"{models_dir} has no none/card.json: not a directory of pretrained study models")
-    return str(card.get("config", {}).get("name", "fast"))
+    return str(io.read_json(card).get("config", {}).get("name", "fast"))
 
 
 def checksum(ckpt_dir: str | Path) -> str:
@@ -126,9 +125,10 @@ def export(run_ckpt_dir: str | Path, out: str | Path, *, name: str, description:
 def model_card_markdown(card: dict) -> str:
     data = card.get("data") or "?"
     cfg = json.dumps(card.get("config"), indent=1) if card.get("config") else "?"
+    deployed = ", as deployed" if card.get("study_row") == "median_squeezing" else ""
     rows = [f"# {card['name']}", "", card["description"], "",
             "| field | value |", "|---|---|",
-            f"| test accuracy (single view, all 10,000 test images{', as deployed' if card.get('study_row') == 'median_squeezing' else ''}) | {card['test_accuracy_pct']:.2f} % |",
+            f"| test accuracy (single view, all 10,000 test images{deployed}) | {card['test_accuracy_pct']:.2f} % |",
             f"| data | {data} |", f"| training images | {card.get('n_train')} |", f"| seed | {card.get('seed')} |",
             f"| epochs | {card.get('epochs')} |", f"| training time | {card.get('train_seconds', 0) / 60:.1f} min |",
             f"| date | {card['date']} |", f"| sha256 of checkpoints/ | `{card['sha256']}` |"]  # fmt: skip

@@ -486,7 +486,8 @@ def fit(
                                train_images.shape[1:], ema=cfg.optim.ema > 0)  # fmt: skip
     if cfg.model.init == "whiten":
         v = whiten_and_dirac(state.variables, model, train_images)
-        state = state.replace(params=v["params"], ema_params=v["params"] if state.ema_params is not None else None)
+        ema = jax.tree.map(jnp.copy, v["params"]) if state.ema_params is not None else None  # not an alias: donated
+        state = state.replace(params=v["params"], ema_params=ema)
     if defense is None:
         defense = defenses.resolve(cfg.defense, make_apply(model), val_images, val_labels)
     run = _Run(state=state, best=_copy_best(state.variables), stopping=Stopping(), history=[])

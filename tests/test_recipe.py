@@ -178,7 +178,7 @@ def test_muon_orthogonalizes_conv_kernels_and_adams_the_rest():
     st0 = _state(optim)
     grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(a.size), a.shape), st0.params)
     with jax.numpy_dtype_promotion("standard"):  # as in train_step: optax mixes int steps and floats
-        updates, _ = st0.tx.update(grads, st0.opt_state, st0.params)
+        updates, _ = jax.jit(st0.tx.update)(grads, st0.opt_state, st0.params)
     k = np.asarray(updates["Conv_2"]["kernel"]).reshape(-1, 8)  # (3*3*8) x 8
     sv = np.linalg.svd(k, compute_uv=False) / 0.02
     assert sv.min() > 0.5 and sv.max() < 1.5, sv  # about orthogonal (Newton-Schulz is approximate)

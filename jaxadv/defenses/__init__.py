@@ -125,4 +125,5 @@ def deployed_apply(cfg: DefenseConfig, apply_fn: ApplyFn) -> ApplyFn:
 
 
 __all__ = ["REGISTRY", "Defense", "Resolved", "deployed_apply", "fgsm_adversarial_transform", "get",
-           "identity_transform", "median_transform", "nfgsm_adversarial_transform", "pgd_adversarial_transform", "resolve", "robust_monitor"]
+           "identity_transform", "median_transform", "nfgsm_adversarial_transform", "pgd_adversarial_transform",
+           "resolve", "robust_monitor"]
