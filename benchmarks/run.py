@@ -65,6 +65,15 @@ def jax_ops() -> tuple[str, ...]:
     return MODEL_OPS + tuple(attacks.REGISTRY) + OTHER_OPS + USER_OPS
 
 
+# --quick without --only: the seed study's ops, a few minutes. The other attacks (AutoAttack's
+# components, CW) run to their full budgets on trained weights: ask for them with --only.
+QUICK_ATTACKS = ("fgsm", "pgd", "deepfool")
+
+
+def quick_ops() -> tuple[str, ...]:
+    return tuple(o for o in jax_ops() if o not in attacks.REGISTRY or o in QUICK_ATTACKS)
+
+
 def attack_settings(name: str) -> dict:
     fn = attacks.REGISTRY[name]
     if name in ATTACK_SETTINGS:
@@ -508,8 +517,9 @@ def _ints(text: str) -> list[int]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="batch 128 (DeepFool 32) only, a few minutes; the shipped "
-                   "pretrained quick model and $JAXADV_DATA's test images when present")
+    p.add_argument("--quick", action="store_true",
+                   help=f"batch 128 (DeepFool 32) only and, unless --only, the study's attacks ({', '.join(QUICK_ATTACKS)})"
+                   ": a few minutes; the shipped pretrained quick model and $JAXADV_DATA's test images when present")
     p.add_argument("--only", default=None, help=f"comma-separated ops of {','.join(jax_ops())}")
     p.add_argument("--out", default="benchmarks/results/latest.json", help="JSON report; .md and .png beside it")
     p.add_argument("--checkpoint", default=None, help="a `jaxadv train` run directory for trained weights")
@@ -534,7 +544,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 5:
         p.error(f"--repeats {args.repeats}: at least 5 timed calls are needed for a median with a spread")
-    ops = list(jax_ops())
+    ops = list(quick_ops() if args.quick else jax_ops())
     if args.only:
         ops = [o.strip() for o in args.only.split(",") if o.strip()]
         bad = [o for o in ops if o not in jax_ops()]

@@ -68,6 +68,13 @@ def test_bad_flags_are_one_line_errors(argv, message, capsys):
     assert message in err[-1]
 
 
+def test_quick_times_the_study_attacks_and_leaves_the_others_to_only():
+    ops = run.quick_ops()
+    assert {"forward", "train_step", "fgsm", "pgd", "deepfool", "median3x3_u8", "user_model"} <= set(ops)
+    assert not {"autoattack", "apgd", "square", "fab", "cw"} & set(ops)
+    assert set(ops) < set(run.jax_ops())
+
+
 def test_jaxadv_bench_forwards_to_the_harness(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--only", "nope"])
