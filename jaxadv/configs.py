@@ -220,10 +220,11 @@ FAST = TrainConfig(
 QUICK = TrainConfig(
     name="quick",
     model=ModelConfig(norm="batch", bn_scale=False, bn_momentum=0.6, init="whiten"),
-    optim=OptimConfig(optimizer="adamw", lr=3e-3, weight_decay=5e-2, schedule="triangular", warmup_frac=0.2,
-                      label_smoothing=0.2),
+    # Muon on the conv kernels (AdamW, lr 3e-3, on the rest): +0.9 points over AdamW (docs/training.md).
+    optim=OptimConfig(optimizer="muon", lr=0.05, momentum=0.95, adam_lr=3e-3, weight_decay=5e-2,
+                      schedule="triangular", warmup_frac=0.2, label_smoothing=0.2),
     defense=DefenseConfig(adv_label_smoothing=0.0),
-    batch_size=256,
+    batch_size=128,
     epochs=8,
     patience=0,
     val_size=0,  # no early stopping to feed: all 50,000 images train (+0.8 points, docs/training.md)
