@@ -15,9 +15,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 # In-process CLI calls would turn on the persistent compilation cache of ~/.cache (a global
 # jax.config switch), so later tests would depend on which ran before and on earlier
-# sessions. Instead every test of this run, from the first, shares one fresh cache:
-# a program compiled again (the same attack in another test, a CLI call's model) is read
-# back instead. A cache hit is the same executable, so results cannot depend on it.
+# sessions. Instead every test of a pytest process, from the first, shares one fresh
+# cache: a program compiled again (the same attack in another test, a CLI call's model) is
+# read back. A cache hit is the same executable, so results cannot depend on it.
 os.environ["JAXADV_XLA_CACHE"] = "0"
 # One cache per pytest process (each pytest-xdist worker its own: JAX writes entries
 # without locking, so two processes must not share one), removed at the end.
