@@ -68,11 +68,27 @@ def test_bad_flags_are_one_line_errors(argv, message, capsys):
     assert message in err[-1]
 
 
-def test_quick_times_the_study_attacks_and_leaves_the_others_to_only():
-    ops = run.quick_ops()
-    assert {"forward", "train_step", "fgsm", "pgd", "deepfool", "median3x3_u8", "user_model"} <= set(ops)
-    assert not {"autoattack", "apgd", "square", "fab", "cw"} & set(ops)
-    assert set(ops) < set(run.jax_ops())
+@pytest.mark.parametrize("extra, want", [([], None), (["--only", "autoattack,forward"], ["autoattack", "forward"])])
+def test_quick_times_the_study_attacks_and_leaves_the_others_to_only(monkeypatch, tmp_path, extra, want):
+    ran = []
+
+    class FakeSetting:  # no weights or images: only which ops main() hands on is checked
+        weights, inputs = "w", "i"
+
+        def __init__(self, *a, **k):
+            pass
+
+    monkeypatch.setattr(run, "Setting", FakeSetting)
+    monkeypatch.setattr(run, "run_jax", lambda s, ops, *a, **k: ran.extend(ops) or [])
+    monkeypatch.setattr(run, "_evaluate_record", lambda *a, **k: {"img_per_s": 1.0, "accuracy_pct": 0.0})
+    monkeypatch.setattr(run, "run_user_model", lambda *a, **k: ran.append("user_model") or [])
+    assert run.main(["--quick", "--no-peers", "--no-report", "--out", str(tmp_path / "q.json"), *extra]) == 0
+    if want is not None:
+        assert ran == want
+        return
+    assert {"forward", "train_step", "fgsm", "pgd", "deepfool", "median3x3_u8", "user_model"} <= set(ran)
+    assert not {"autoattack", "apgd", "square", "fab", "cw"} & set(ran)
+    assert set(ran) < set(run.jax_ops())
 
 
 def test_jaxadv_bench_forwards_to_the_harness(tmp_path, capsys):
