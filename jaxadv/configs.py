@@ -225,7 +225,9 @@ QUICK = TrainConfig(
                       schedule="triangular", warmup_frac=0.2, label_smoothing=0.2),
     defense=DefenseConfig(adv_label_smoothing=0.0),
     batch_size=128,
-    epochs=6,  # the whole study (three models, nine cells) in under an hour; --epochs 8 adds ~0.8 points (docs/training.md)
+    # 6 epochs: the whole study (three models, nine cells) in under an hour; --epochs 8 adds
+    # ~0.8 points (docs/training.md).
+    epochs=6,
     patience=0,
     val_size=0,  # no early stopping to feed: all 50,000 images train (+0.8 points, docs/training.md)
     pad=2,
