@@ -147,9 +147,12 @@ def _proposal_l2(x0, x_best, keys, it, s, eps, lo, hi, table, *, window):
 
 def _chunk(apply_fn, params, x0, y, x_best, m_best, queries, keys, its, sides, valid, eps, lo, hi, table, *, k, norm,
            window):  # fmt: skip
-    """k iterations (unrolled) on the points still active: propose, query, accept if the margin
-    drops or turns negative. A point fooled inside the chunk stops there, as in the reference."""
-    for j in range(k):
+    """k iterations (a compiled loop, not unrolled: one iteration's program to compile) on the
+    points still active: propose, query, accept if the margin drops or turns negative. A point
+    fooled inside the chunk stops there, as in the reference."""
+
+    def body(j, carry):
+        x_best, m_best, queries = carry
         active = (m_best > 0) & valid[j]
         if norm == "linf":
             x_new = _proposal_linf(x0, x_best, keys, its[j], sides[j], eps, lo, hi, window=window)
@@ -157,10 +160,10 @@ def _chunk(apply_fn, params, x0, y, x_best, m_best, queries, keys, its, sides, v
             x_new = _proposal_l2(x0, x_best, keys, its[j], sides[j], eps, lo, hi, table, window=window)
         m_new = margin(apply_fn(params, x_new), y)
         accept = active & ((m_new < m_best) | (m_new <= 0))
-        x_best = jnp.where(bcast(accept), x_new, x_best)
-        m_best = jnp.where(accept, m_new, m_best)
-        queries = queries + active.astype(jnp.int32)
-    return x_best, m_best, queries
+        return (jnp.where(bcast(accept), x_new, x_best), jnp.where(accept, m_new, m_best),
+                queries + active.astype(jnp.int32))  # fmt: skip
+
+    return jax.lax.fori_loop(0, k, body, (x_best, m_best, queries))
 
 
 def _init(apply_fn, params, x0, y, keys, eps, lo, hi, *, norm, window):
@@ -175,26 +178,42 @@ def _init(apply_fn, params, x0, y, keys, eps, lo, hi, *, norm, window):
     return x_best, margin(apply_fn(params, x_best), y)
 
 
-def _l2_tiles(keys, shape, window):
-    h, w, c = shape
+def _tile_layout(h: int, w: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """The reference's tiling of the L2 start (side h // 5, non-overlapping, in row-major order):
+    (side, tile index of each pixel or -1, row and column inside its tile)."""
     s = h // 5
     sp = (h - 5 * s) // 2
-    base = jnp.asarray(eta(s))
-    delta = jnp.zeros((keys.shape[0], h, w, c), jnp.float32)
+    tile = np.full((h, w), -1, np.int32)
+    ti, tj = np.zeros((h, w), np.int32), np.zeros((h, w), np.int32)
     n = 0
     for vh in range(sp, sp + s * (h // s), s):
         for vw in range(sp, sp + s * (w // s), s):
             if vh + s > h or vw + s > w:
                 continue
+            tile[vh:vh + s, vw:vw + s] = n
+            ti[vh:vh + s, vw:vw + s] = np.arange(s)[:, None]
+            tj[vh:vh + s, vw:vw + s] = np.arange(s)[None, :]
             n += 1
-            draw = lambda k, n=n: jax.random.split(jax.random.fold_in(k, 1_000_000 + n), 2)  # noqa: E731
-            src = keys[:1] if window == "batch" else keys
-            kk = jax.vmap(draw)(src)
-            tr = jax.vmap(lambda k: jax.random.uniform(k[1]) > 0.5)(kk)
-            sg = jax.vmap(lambda k: jnp.sign(2.0 * jax.random.uniform(k[0], (c,)) - 1.0))(
-                jax.vmap(draw)(keys))  # fmt: skip
-            pat = jnp.where(tr[:, None, None], base.T[None], base[None])
-            delta = delta.at[:, vh:vh + s, vw:vw + s, :].add(pat[..., None] * sg[:, None, None, :])
+    return s, tile, ti, tj
+
+
+def _l2_tiles(keys, shape, window):
+    """The L2 start's direction: every tile an eta pattern (transposed at random) with a random
+    sign per channel, unit norm per image. All tiles are drawn at once (tile n, counted from 1,
+    from fold_in(key, 1_000_000 + n), as the reference's loop draws them one by one)."""
+    h, w, c = shape
+    s, tile, ti, tj = _tile_layout(h, w)
+    base = jnp.asarray(eta(s))
+    ns = jnp.arange(1, int(tile.max()) + 2, dtype=jnp.uint32)
+    draw = lambda k: jax.vmap(lambda n: jax.random.split(jax.random.fold_in(k, 1_000_000 + n), 2))(ns)  # noqa: E731
+    src = keys[:1] if window == "batch" else keys
+    tr = jax.vmap(lambda kk: jax.vmap(lambda q: jax.random.uniform(q[1]) > 0.5)(kk))(jax.vmap(draw)(src))  # [B', T]
+    sg = jax.vmap(lambda kk: jax.vmap(lambda q: jnp.sign(2.0 * jax.random.uniform(q[0], (c,)) - 1.0))(kk))(
+        jax.vmap(draw)(keys))  # [B, T, c]  # fmt: skip
+    pats = jnp.where(tr[:, :, None, None], base.T[None, None], base[None, None])  # [B', T, s, s]
+    at = np.maximum(tile, 0)
+    pix = pats[:, at, ti, tj]  # [B', h, w]
+    delta = jnp.where(jnp.asarray(tile >= 0)[None, :, :, None], pix[..., None] * sg[:, at, :], 0.0)
     return delta / bcast(jnp.sqrt(jnp.sum(delta**2, axis=(1, 2, 3))) + 1e-12)
 
 
