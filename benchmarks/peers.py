@@ -121,7 +121,7 @@ def to_torch(model: CNN, variables: Any, channels_last: bool = False):
     """The PyTorch twin of a `jaxadv.models.CNN` with the same weights, in eval mode.
 
     Layers map one to one: Conv (kernel HWIO -> weight OIHW), BatchNorm (scale/bias ->
-    weight/bias, running mean/var from `batch_stats`, Flax's eps and momentum), ReLU,
+    weight/bias, weight 1 without a learned scale, running mean/var from `batch_stats`, Flax's eps and momentum), ReLU,
     2x2 max pool, Flatten, Dense (kernel [in,out] -> weight [out,in]). Flax flattens NHWC
     activations in (h, w, c) order and torch flattens NCHW in (c, h, w) order, so the rows
     of the first Dense kernel are permuted instead of the activations: the result is the
@@ -162,7 +162,8 @@ def to_torch(model: CNN, variables: Any, channels_last: bool = False):
                 bn_name = f"BatchNorm_{conv_index}"
                 # CNN keeps Flax's default epsilon and sets momentum 0.9 (torch counts the other way).
                 bn = nn.BatchNorm2d(width, eps=flax.linen.BatchNorm.epsilon, momentum=1.0 - 0.9)
-                assign(bn.weight, params[bn_name]["scale"])
+                # Without a learned scale (`bn_scale=False`, the quick preset) the scale is 1.
+                assign(bn.weight, params[bn_name].get("scale", np.ones((width,), np.float32)))
                 assign(bn.bias, params[bn_name]["bias"])
                 assign(bn.running_mean, stats[bn_name]["mean"])
                 assign(bn.running_var, stats[bn_name]["var"])

@@ -101,6 +101,18 @@ def test_to_torch_same_logits_default_widths():
                                rtol=0, atol=1e-4)  # fmt: skip
 
 
+def test_to_torch_same_logits_of_the_shipped_quick_model():
+    """The quick preset's BatchNorm has no learned scale (bn_scale=False): torch's weight is 1."""
+    from jaxadv import pretrained, train
+
+    apply_fn, variables, cfg, _ = train.load_trained(str(pretrained.SHIPPED / "quick" / "none" / "checkpoints"))
+    assert not cfg.model.bn_scale  # premise: the case this converts
+    model = train.create_model(cfg, 10)
+    x = random_images((4, 32, 32, 3))
+    net = peers.to_torch(model, variables)
+    np.testing.assert_allclose(torch_logits(net, x, False), np.asarray(apply_fn(variables, x)), rtol=0, atol=1e-4)
+
+
 def test_layout_helpers_round_trip():
     x = random_images((2, 5, 7, 3))
     assert peers.nhwc_to_nchw(x).shape == (2, 3, 5, 7)
