@@ -121,9 +121,10 @@ def to_torch(model: CNN, variables: Any, channels_last: bool = False):
     """The PyTorch twin of a `jaxadv.models.CNN` with the same weights, in eval mode.
 
     Layers map one to one: Conv (kernel HWIO -> weight OIHW), BatchNorm (scale/bias ->
-    weight/bias, weight 1 without a learned scale, running mean/var from `batch_stats`, Flax's eps and momentum), ReLU,
-    2x2 max pool, Flatten, Dense (kernel [in,out] -> weight [out,in]). Flax flattens NHWC
-    activations in (h, w, c) order and torch flattens NCHW in (c, h, w) order, so the rows
+    weight/bias, weight 1 without a learned scale; running mean/var from `batch_stats`,
+    Flax's eps and momentum), ReLU, 2x2 max pool, Flatten, Dense (kernel [in,out] -> weight
+    [out,in]). Flax flattens NHWC activations in (h, w, c) order and torch flattens NCHW in
+    (c, h, w) order, so the rows
     of the first Dense kernel are permuted instead of the activations: the result is the
     natural torch model. Computation is float32 whatever `model.dtype` is.
 

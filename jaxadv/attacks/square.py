@@ -206,10 +206,10 @@ def _l2_tiles(keys, shape, window):
     base = jnp.asarray(eta(s))
     ns = jnp.arange(1, int(tile.max()) + 2, dtype=jnp.uint32)
     draw = lambda k: jax.vmap(lambda n: jax.random.split(jax.random.fold_in(k, 1_000_000 + n), 2))(ns)  # noqa: E731
-    src = keys[:1] if window == "batch" else keys
-    tr = jax.vmap(lambda kk: jax.vmap(lambda q: jax.random.uniform(q[1]) > 0.5)(kk))(jax.vmap(draw)(src))  # [B', T]
-    sg = jax.vmap(lambda kk: jax.vmap(lambda q: jnp.sign(2.0 * jax.random.uniform(q[0], (c,)) - 1.0))(kk))(
-        jax.vmap(draw)(keys))  # [B, T, c]  # fmt: skip
+    drawn = jax.vmap(draw)(keys)  # [B, T, 2] keys
+    src = drawn[:1] if window == "batch" else drawn  # "batch": the first image's transposes for all
+    tr = jax.vmap(jax.vmap(lambda q: jax.random.uniform(q[1]) > 0.5))(src)  # [B', T]
+    sg = jax.vmap(jax.vmap(lambda q: jnp.sign(2.0 * jax.random.uniform(q[0], (c,)) - 1.0)))(drawn)  # [B, T, c]
     pats = jnp.where(tr[:, :, None, None], base.T[None, None], base[None, None])  # [B', T, s, s]
     at = np.maximum(tile, 0)
     pix = pats[:, at, ti, tj]  # [B', h, w]
