@@ -38,6 +38,34 @@ def test_queries_are_counted_exactly(trained_cnn):
     assert float(jnp.abs(x_adv - x).max()) <= 0.1 + 1e-6
 
 
+
+@pytest.mark.parametrize("window", ["image", "batch"])
+@pytest.mark.parametrize("shape", [(8, 8, 3), (32, 32, 3), (9, 7, 2)])
+def test_l2_start_is_the_references_tile_by_tile_pattern(shape, window):
+    """The vectorized L2 start against the reference's loop: tile n (from 1) at each corner gets
+    eta(side), transposed when its draw says so (the first image's draw in "batch" mode), times a
+    sign per channel, then the whole image scaled to unit norm."""
+    h, w, c = shape
+    keys = jax.random.split(jax.random.key(3), 4)
+    s = h // 5
+    sp = (h - 5 * s) // 2
+    want = np.zeros((4, h, w, c), np.float32)
+    n = 0
+    for vh in range(sp, sp + s * (h // s), s):
+        for vw in range(sp, sp + s * (w // s), s):
+            if vh + s > h or vw + s > w:
+                continue
+            n += 1
+            for b in range(4):
+                k_sign = jax.random.split(jax.random.fold_in(keys[b], 1_000_000 + n), 2)[0]
+                k_tr = jax.random.split(jax.random.fold_in(keys[0 if window == "batch" else b], 1_000_000 + n), 2)[1]
+                pat = sq.eta(s).T if bool(jax.random.uniform(k_tr) > 0.5) else sq.eta(s)
+                sign = np.sign(2.0 * np.asarray(jax.random.uniform(k_sign, (c,))) - 1.0)
+                want[b, vh:vh + s, vw:vw + s, :] = pat[..., None] * sign
+    want /= np.sqrt(np.sum(want**2, axis=(1, 2, 3), keepdims=True)) + 1e-12
+    assert n >= 2  # premise: several tiles
+    np.testing.assert_allclose(np.asarray(sq._l2_tiles(keys, shape, window)), want, rtol=0, atol=1e-6)
+
 @pytest.mark.parametrize("norm, eps", [("linf", 0.08), ("l2", 0.8)])
 def test_window_modes(trained_cnn, norm, eps):
     apply_fn, params, x, _ = trained_cnn
