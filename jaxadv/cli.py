@@ -115,7 +115,8 @@ def _train_flags(t: argparse.ArgumentParser) -> None:
 
     _add_data_flags(t, train=True)
     t.add_argument("--config", default="seed", choices=sorted(configs.PRESETS),
-                   help="training preset: 'seed' (faithful to the study), 'fast' (18 epochs) or 'quick' (6 epochs)")
+                   help="training preset: 'seed' (faithful to the study), 'fast' (18 epochs), 'quick' (6 epochs) or "
+                   "'quick8' (quick for 8 epochs with an average of the weights)")
     t.add_argument("--epochs", type=_positive_int, default=None, help="maximum epochs (default: the config's)")
     t.add_argument("--set", type=_field_value, action="append", default=[], metavar="FIELD=VALUE",
                    help="override one field of the preset, e.g. --set optim.label_smoothing=0.1 --set batch_size=512 "
