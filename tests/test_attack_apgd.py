@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from aa_toy import PARAMS, X, Y, size, toy
+from jaxadv.attacks import _core
 from jaxadv.attacks import apgd, apgd_t
 
 apgd_module = importlib.import_module("jaxadv.attacks.apgd")
@@ -108,6 +109,19 @@ def test_early_exit_keeps_the_verdicts_and_spends_fewer_passes(trained_cnn):
     _, quick = apgd(apply_fn, params, x, y, early_exit=True, **kw)
     np.testing.assert_array_equal(full["fooled"], quick["fooled"])
     assert full["fooled"].any() and quick["passes"]["forward"] < full["passes"]["forward"]
+
+
+@pytest.mark.parametrize("parallel", [False, True])  # targets in turn (CPU's default) or all in one batch
+def test_apgd_t_early_exit_keeps_the_verdicts(parallel, monkeypatch):
+    monkeypatch.setattr(_core, "PARALLEL_TARGETS", parallel)
+    kw = dict(key=jax.random.key(3), eps=0.5, norm="l2", n_iter=12, return_info=True)
+    _, full = apgd_t(toy, PARAMS, X, Y, **kw)
+    _, quick = apgd_t(toy, PARAMS, X, Y, early_exit=True, **kw)
+    np.testing.assert_array_equal(full["fooled"], quick["fooled"])
+    assert full["fooled"].any() and not full["fooled"].all()  # both verdicts occur
+    assert quick["passes"]["forward"] <= full["passes"]["forward"]  # 4 points: one compiled size of 4 rows
+    if not parallel:  # in turn, as the reference: the same target breaks each point
+        np.testing.assert_array_equal(full["target"], quick["target"])
 
 
 def test_apgd_t_attacks_the_targets_in_order_and_reports_them(trained_cnn):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from aa_toy import PARAMS, X, Y, size, toy
+from jaxadv.attacks import _core
 from jaxadv.attacks import fab, fab_t
 
 fab_module = importlib.import_module("jaxadv.attacks.fab")
@@ -91,7 +92,9 @@ def test_untargeted_fab_follows_the_reference(norm, eps, want):
     np.testing.assert_allclose(size(x_adv - X, norm), want, atol=2e-5)
 
 
-def test_early_exit_keeps_the_verdicts(trained_cnn):
+@pytest.mark.parametrize("parallel", [False, True])  # targets in turn (CPU's default) or all in one batch
+def test_early_exit_keeps_the_verdicts(trained_cnn, parallel, monkeypatch):
+    monkeypatch.setattr(_core, "PARALLEL_TARGETS", parallel)
     apply_fn, params, x, _ = trained_cnn
     y = jnp.argmax(apply_fn(params, x), -1)
     kw = dict(eps=0.1, n_target_classes=2, n_iter=15, return_info=True)

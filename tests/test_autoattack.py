@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from aa_toy import PARAMS, X, Y, size, toy
+from jaxadv.attacks import _core
 from jaxadv.attacks import autoattack
 from jaxadv.attacks.autoattack import ensemble
 
@@ -85,7 +86,9 @@ def test_the_result_does_not_depend_on_batching():
     np.testing.assert_allclose(np.concatenate(halves), whole, atol=1e-6)
 
 
-def test_early_exit_keeps_every_verdict():
+@pytest.mark.parametrize("parallel", [False, True])  # APGD-T's / FAB-T's targets in turn or in one batch
+def test_early_exit_keeps_every_verdict(parallel, monkeypatch):
+    monkeypatch.setattr(_core, "PARALLEL_TARGETS", parallel)
     kw = dict(key=jax.random.key(1), eps=0.12, return_info=True, **QUICK)
     _, a = autoattack(toy, PARAMS, X, Y, **kw)
     _, b = autoattack(toy, PARAMS, X, Y, early_exit=True, **kw)

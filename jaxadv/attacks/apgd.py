@@ -252,7 +252,7 @@ def _robust_loop(apply_fn, params, x, y, keys, settings, *, n_restarts, targets,
     broke_with = np.full(x.shape[0], -1, np.int32)
     out = x.astype(jnp.float32)
     b = x.shape[0]
-    if early_exit and len(targets) > 1:
+    if early_exit and len(targets) > 1 and _core.parallel_targets():
         return _parallel_targets(apply_fn, params, x, y, keys, settings, order, fooled, broke_with, out,
                                  n_restarts=n_restarts, targets=targets, counter=counter)  # fmt: skip
     for t_i, target_class in enumerate(targets):

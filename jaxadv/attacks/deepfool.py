@@ -99,7 +99,8 @@ def _candidate_jacobian(pullback, consts, num_classes, jacobian):
 
 def _step(apply_fn, params, consts, state, overshoot, clip_min, clip_max, *, norm,
           overshoot_mode, jacobian):
-    """For unfinished examples, take one step; then evaluate the model at the new iterate.
+    """For unfinished examples, take one step (`_advance`); then evaluate the model at the
+    new iterate (`_check`).
 
     The stopping test runs here, on a plain forward pass at the new iterate, rather than
     at the start of the next step: an example whose step fooled the model is then known to
@@ -111,6 +112,12 @@ def _step(apply_fn, params, consts, state, overshoot, clip_min, clip_max, *, nor
       (new_state, all_done): all_done is a bool[] scalar, the only value the host driver
       fetches per iteration.
     """
+    return _check(apply_fn, params, consts, _advance(apply_fn, params, consts, state, overshoot, clip_min, clip_max,
+                                                     norm=norm, overshoot_mode=overshoot_mode, jacobian=jacobian))
+
+
+def _advance(apply_fn, params, consts, state, overshoot, clip_min, clip_max, *, norm, overshoot_mode, jacobian):
+    """The step of the unfinished examples: the new iterate, not yet evaluated."""
     logits_fn = _logits_fn(apply_fn, params)
     logits, pullback = jax.vjp(logits_fn, state.x)
     num_classes = logits.shape[-1]
@@ -152,14 +159,13 @@ def _step(apply_fn, params, consts, state, overshoot, clip_min, clip_max, *, nor
     else:  # per_step
         x_new = state.x + scale * r
     x_new = jnp.where(bcast(active), jnp.clip(x_new, clip_min, clip_max), state.x)
-    done = state.done | (jnp.argmax(logits_fn(x_new), axis=-1) != consts.orig)
-    new_state = _State(
-        x=x_new,
-        r_total=r_total,
-        done=done,
-        iterations=state.iterations + active.astype(jnp.int32),
-    )
-    return new_state, jnp.all(done)
+    return _State(x=x_new, r_total=r_total, done=state.done, iterations=state.iterations + active.astype(jnp.int32))
+
+
+def _check(apply_fn, params, consts, state):
+    """Mark the examples whose prediction at the iterate differs from orig: (state, all done)."""
+    done = state.done | (jnp.argmax(_logits_fn(apply_fn, params)(state.x), axis=-1) != consts.orig)
+    return state._replace(done=done), jnp.all(done)
 
 
 def _final(apply_fn, params, consts, state, overshoot, clip_min, clip_max, *, norm,
@@ -180,7 +186,18 @@ def _final(apply_fn, params, consts, state, overshoot, clip_min, clip_max, *, no
 
 
 _init_jit = _core.kernel(_init, static=("num_candidates",))
-_step_jit = _core.kernel(_step, static=("norm", "overshoot_mode", "jacobian"))
+# The host driver's step is two programs, not one: with the check's forward pass in the same
+# XLA:CPU program as the Jacobian's backward passes, XLA compiles that forward pass badly
+# (the same as FAB's step; see fab.py).
+_advance_jit = _core.kernel(_advance, static=("norm", "overshoot_mode", "jacobian"))
+_check_jit = _core.kernel(_check)
+
+
+def _step_jit(apply_fn, params, consts, state, overshoot, clip_min, clip_max, *, norm, overshoot_mode, jacobian):
+    """`_step` as the host driver runs it: `_advance`, then `_check`, each compiled."""
+    state = _advance_jit(apply_fn, params, consts, state, overshoot, clip_min, clip_max, norm=norm,
+                         overshoot_mode=overshoot_mode, jacobian=jacobian)  # fmt: skip
+    return _check_jit(apply_fn, params, consts, state)
 _final_jit = _core.kernel(_final, static=("norm", "overshoot_mode", "out_dtype"))
 
 

@@ -245,7 +245,7 @@ def _perturb(apply_fn, params, x, y, key, *, eps, norm, targets, n_restarts, n_i
     fooled = np.array(jnp.argmax(logits, -1) != y)
     broke_with = np.full(x.shape[0], -1, np.int32)
     out = x0
-    if early_exit and len(targets) > 1:
+    if early_exit and len(targets) > 1 and _core.parallel_targets():
         return _parallel_targets(apply_fn, params, x0, y, keys, order, fooled, broke_with, out, eps=eps, norm=norm,
                                  targets=targets, n_restarts=n_restarts, n_iter=n_iter, counter=counter)  # fmt: skip
     for t_i, target_class in enumerate(targets):
