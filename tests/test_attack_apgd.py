@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from aa_toy import PARAMS, X, Y, size, toy
-from jaxadv.attacks import _core
-from jaxadv.attacks import apgd, apgd_t
+from jaxadv.attacks import _core, apgd, apgd_t
 
 apgd_module = importlib.import_module("jaxadv.attacks.apgd")
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from aa_toy import PARAMS, X, Y, size, toy
-from jaxadv.attacks import _core
-from jaxadv.attacks import fab, fab_t
+from jaxadv.attacks import _core, fab, fab_t
 
 fab_module = importlib.import_module("jaxadv.attacks.fab")
 T = jnp.asarray([[.5, .5, .5, .5], [.2, .9, .4, .6], [.5, .5, .5, .5], [.1, .1, .1, .1]])

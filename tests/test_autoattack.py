@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from aa_toy import PARAMS, X, Y, size, toy
-from jaxadv.attacks import _core
-from jaxadv.attacks import autoattack
+from jaxadv.attacks import _core, autoattack
 from jaxadv.attacks.autoattack import ensemble
 
 QUICK = dict(n_iter=10, n_queries=30)

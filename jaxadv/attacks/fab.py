@@ -176,7 +176,8 @@ _accept_kernel = _core.kernel(_accept, static=("norm",))
 
 def _step_kernel(apply_fn, params, s: _State, *, norm, targeted) -> _State:
     """One FAB iteration (under a caller's jit, both programs are inlined into it)."""
-    return _accept_kernel(apply_fn, params, s, _move_kernel(apply_fn, params, s, norm=norm, targeted=targeted), norm=norm)
+    x1 = _move_kernel(apply_fn, params, s, norm=norm, targeted=targeted)
+    return _accept_kernel(apply_fn, params, s, x1, norm=norm)
 
 
 def _start(x0, keys, eps, norm):
