@@ -187,9 +187,9 @@ def _final(apply_fn, params, consts, state, overshoot, clip_min, clip_max, *, no
 
 _init_jit = _core.kernel(_init, static=("num_candidates",))
 # The host driver's step is two programs, not one: with the check's forward pass in the same
-# XLA:CPU program as the Jacobian's backward passes, DeepFool ran 1.16x slower (82.7 against 95.9 img/s,
-# 256 images of the shipped clean model; the same shape
-# as FAB's step; see fab.py; measured, the cause inside XLA not established).
+# XLA:CPU program as the Jacobian's backward passes, DeepFool ran 1.16x slower (82.7 against
+# 95.9 img/s on 256 images of the shipped clean model), as FAB's step did (see fab.py).
+# Measured; the cause inside XLA is not established.
 _advance_jit = _core.kernel(_advance, static=("norm", "overshoot_mode", "jacobian"))
 _check_jit = _core.kernel(_check)
 
