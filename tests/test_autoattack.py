@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from aa_toy import PARAMS, X, Y, size, toy
-from jaxadv.attacks import _core, autoattack
+from jaxadv.attacks import _core, apgd_t, autoattack, fab_t
 from jaxadv.attacks.autoattack import ensemble
 
 QUICK = dict(n_iter=10, n_queries=30)
@@ -92,3 +92,33 @@ def test_early_exit_keeps_every_verdict(parallel, monkeypatch):
     _, a = autoattack(toy, PARAMS, X, Y, **kw)
     _, b = autoattack(toy, PARAMS, X, Y, early_exit=True, **kw)
     np.testing.assert_array_equal(a["record"]["robust"], b["record"]["robust"])
+
+
+def test_micro_batches_split_the_active_rows_in_order(monkeypatch):
+    active = np.array([1, 0, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0], bool)  # 9 of 12 rows
+    monkeypatch.setattr(_core, "MICRO_BATCH", 4)
+    pieces = _core.micro_batches(active, active.size)
+    idx = [np.asarray(i) for _, i in pieces]
+    assert [s for s, _ in pieces] == [len(i) for i in idx] == [4, 4, 4]  # 4, 4, then 1 row padded to 4
+    rows = np.concatenate([i[i < active.size] for i in idx])
+    np.testing.assert_array_equal(rows, np.flatnonzero(active))  # every active row once, in order
+    assert all(np.all(i[(i < active.size).sum():] == active.size) for i in idx)  # padding out of range
+    monkeypatch.setattr(_core, "MICRO_BATCH", 0)
+    assert len(_core.micro_batches(active, active.size)) == 1
+    monkeypatch.setattr(_core, "MICRO_BATCH", None)  # the default: 32 rows per device on CPU
+    assert _core.micro_batch() == (32 * jax.device_count() if jax.default_backend() == "cpu" else 0)
+
+
+@pytest.mark.parametrize("early_exit", [False, True])
+def test_micro_batches_change_no_result(early_exit, monkeypatch):
+    kw = dict(key=jax.random.key(2), eps=0.12, n_iter=10, early_exit=early_exit, return_info=True)
+    monkeypatch.setattr(_core, "PARALLEL_TARGETS", False)
+    got = {}
+    for mb in (0, 1):  # whole batch; one row per micro-batch
+        monkeypatch.setattr(_core, "MICRO_BATCH", mb)
+        got[mb] = [fn(toy, PARAMS, X, Y, **kw) for fn in (apgd_t, fab_t)]
+    for (a, ia), (b, ib) in zip(got[0], got[1]):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+        np.testing.assert_array_equal(ia["fooled"], ib["fooled"])
+        np.testing.assert_array_equal(ia["target"], ib["target"])
+    assert any(i["fooled"].any() and not i["fooled"].all() for _, i in got[0])  # both verdicts occur
