@@ -113,10 +113,18 @@ def test_micro_batches_split_the_active_rows_in_order(monkeypatch):
 def test_micro_batches_change_no_result(early_exit, monkeypatch):
     kw = dict(key=jax.random.key(2), eps=0.12, n_iter=10, early_exit=early_exit, return_info=True)
     monkeypatch.setattr(_core, "PARALLEL_TARGETS", False)
+    split = _core.micro_batches
+    pieces = []  # pieces per call, to see that both attacks do split
+    monkeypatch.setattr(_core, "micro_batches", lambda a, b: pieces.append(len(split(a, b))) or split(a, b))
     got = {}
     for mb in (0, 1):  # whole batch; one row per micro-batch
         monkeypatch.setattr(_core, "MICRO_BATCH", mb)
-        got[mb] = [fn(toy, PARAMS, X, Y, **kw) for fn in (apgd_t, fab_t)]
+        got[mb] = []
+        for fn in (apgd_t, fab_t):
+            pieces.clear()
+            got[mb].append(fn(toy, PARAMS, X, Y, **kw))
+            # whole batch: one piece per call; one row each: the first target's call has all 4 points
+            assert (set(pieces) == {1}) if mb == 0 else (pieces[0] == len(Y))
     for (a, ia), (b, ib) in zip(got[0], got[1]):
         np.testing.assert_allclose(a, b, atol=1e-6)
         np.testing.assert_array_equal(ia["fooled"], ib["fooled"])

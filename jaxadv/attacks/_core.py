@@ -246,9 +246,14 @@ def active_index(active: np.ndarray, batch: int) -> tuple[int, jax.Array | None]
     size = bucket(max(count, 1), batch)
     if size == batch:
         return batch, None
-    idx = np.full(size, batch, np.int32)  # padding: out of range, clipped on gather, dropped on scatter
-    idx[:count] = np.flatnonzero(active)
-    return size, jnp.asarray(idx)
+    return size, _padded(np.flatnonzero(active), size, batch)
+
+
+def _padded(rows: np.ndarray, size: int, batch: int) -> jax.Array:
+    """int32[size]: `rows`, then padding out of range (clipped on gather, dropped on scatter)."""
+    idx = np.full(size, batch, np.int32)
+    idx[: rows.size] = rows
+    return jnp.asarray(idx)
 
 
 # APGD and FAB run the rows they attack in micro-batches of this many rows per device, one
@@ -280,10 +285,22 @@ def micro_batches(active: np.ndarray, batch: int) -> list[tuple[int, jax.Array |
     for start in range(0, rows.size, m):
         part = rows[start:start + m]
         size = min(bucket(part.size, batch), m)  # full pieces: exactly m rows (one compiled size)
-        idx = np.full(size, batch, np.int32)
-        idx[: part.size] = part
-        pieces.append((size, jnp.asarray(idx)))
+        pieces.append((size, _padded(part, size, batch)))
     return pieces
+
+
+def credit(out: Array, fooled: np.ndarray, broke_with: np.ndarray, idx: Array, ok: np.ndarray, adv: Array,
+           todo: np.ndarray, label: int) -> Array:
+    """Record one sub-batch's successes: the rows `idx` (padded) whose `ok` holds and that were
+    still to do get `adv` in `out`, fooled True and broke_with `label` (the last two in place).
+
+    Returns the new `out`; the write is one compiled scatter per sub-batch size."""
+    b = fooled.size
+    rows_all = np.asarray(idx)
+    ok = ok & (rows_all < b) & todo[np.minimum(rows_all, b - 1)]  # padding, or done before
+    fooled[rows_all[ok]] = True
+    broke_with[rows_all[ok]] = label
+    return scatter_rows(out, adv, jnp.asarray(np.where(ok, rows_all, b), jnp.int32))
 
 
 # Early exit attacks APGD-T's and FAB-T's targets either in turn, as the reference does (each

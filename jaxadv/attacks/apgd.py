@@ -266,12 +266,7 @@ def _robust_loop(apply_fn, params, x, y, keys, settings, *, n_restarts, targets,
                 idx = jnp.arange(b, dtype=jnp.int32) if idx is None else idx
                 sub = _core.gather_rows((x, y, y_t, run_keys), idx, size=size)
                 x_r, f_r = run(apply_fn, params, *sub, early_exit=early_exit, counter=counter, **settings)
-                rows_all = np.asarray(idx)
-                keep = np.asarray(f_r) & (rows_all < b) & todo[np.minimum(rows_all, b - 1)]  # padding, or done before
-                rows = rows_all[keep]
-                out = out.at[rows].set(x_r[np.flatnonzero(keep)])
-                fooled[rows] = True
-                broke_with[rows] = t_i
+                out = _core.credit(out, fooled, broke_with, idx, np.asarray(f_r), x_r, todo, t_i)
     return out, fooled, broke_with
 
 

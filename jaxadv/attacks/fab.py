@@ -262,13 +262,8 @@ def _perturb(apply_fn, params, x, y, key, *, eps, norm, targets, n_restarts, n_i
                 sub = _core.gather_rows((x0, y, y_t, run_keys), idx, size=size)
                 adv, res = run(apply_fn, params, *sub, eps=eps, norm=norm, targeted=target_class is not None,
                                n_iter=n_iter, random_start=r > 0, early_exit=early_exit, counter=counter)  # fmt: skip
-                ok = np.array((res <= eps) & (jnp.argmax(_core.logits(apply_fn, params, adv), -1) != sub[1]))
-                rows_all = np.asarray(idx)
-                ok &= (rows_all < x.shape[0]) & todo[np.minimum(rows_all, x.shape[0] - 1)]  # padding, or done before
-                rows = rows_all[ok]
-                out = out.at[rows].set(adv[np.flatnonzero(ok)])
-                fooled[rows] = True
-                broke_with[rows] = t_i
+                ok = np.asarray((res <= eps) & (jnp.argmax(_core.logits(apply_fn, params, adv), -1) != sub[1]))
+                out = _core.credit(out, fooled, broke_with, idx, ok, adv, todo, t_i)
     return out, fooled, broke_with
 
 
