@@ -60,14 +60,14 @@ def test_checkpoint_schedule_is_the_references(n_iter, want):
 
 def _single(norm, loss, eps):
     """One reference run started at the clean point (no randomness): the final state."""
-    keys = jax.random.split(jax.random.key(0), 4)
     f = jnp.float32
-    s = apgd_module._init_kernel(toy, PARAMS, X, Y, Y, keys, f(eps), f(0), f(1), norm=norm, loss=loss, n_iter=100,
-                                 random_start=False)  # fmt: skip
+    losses = apgd_module.losses_for(4)
+    loss_id = jnp.int32(losses.index(loss))
+    s = apgd_module._start_kernel(X, Y, Y, jnp.zeros(()), f(eps), f(0), f(1), norm=norm, n_iter=100, random_start=False)
     ch = apgd_module.checkpoints(100)
-    for i in range(100):
-        s = apgd_module._step_kernel(toy, PARAMS, s, jnp.int32(i), jnp.bool_(i in ch), jnp.int32(ch.get(i, 1)), f(eps),
-                                     f(0), f(1), 0.75, norm=norm, loss=loss)  # fmt: skip
+    for i in range(-1, 100):  # -1: the first call computes the start's loss and gradient
+        s = apgd_module._step_kernel(toy, PARAMS, s, jnp.int32(max(i, 0)), jnp.bool_(i in ch), jnp.int32(ch.get(i, 1)),
+                                     f(eps), f(0), f(1), 0.75, loss_id, i < 0, norm=norm, losses=losses)  # fmt: skip
     return s
 
 
@@ -133,3 +133,27 @@ def test_apgd_t_attacks_the_targets_in_order_and_reports_them(trained_cnn):
     for i in np.flatnonzero(info["fooled"]):
         assert info["target"][i] in order[i, -4:-1]  # one of the 3 wrong classes, highest first
     assert info["target"][~info["fooled"]].tolist() == [-1] * int((~info["fooled"]).sum())
+
+
+def test_the_three_losses_share_one_compiled_step():
+    """The loss is a traced branch index, not a static argument: APGD-DLR and APGD-T run
+    APGD-CE's compiled program (AutoAttack compiles it once per batch size, not per attack)."""
+    kw = dict(key=jax.random.key(0), eps=0.1, n_iter=3)
+    apgd(toy, PARAMS, X, Y, loss="ce", **kw)
+    compiled = apgd_module._step_kernel._cache_size()
+    apgd(toy, PARAMS, X, Y, loss="dlr", **kw)
+    apgd_t(toy, PARAMS, X, Y, n_target_classes=2, **kw)
+    assert apgd_module._step_kernel._cache_size() == compiled
+    assert apgd_module.losses_for(2) == ("ce",) and apgd_module.losses_for(3) == ("ce", "dlr")
+
+
+def test_random_starts_are_the_vmapped_draws_in_one_program_for_every_batch_size():
+    draws = {"uniform": jax.random.uniform, "normal": jax.random.normal}
+    compiled = None
+    for n in (1, 5, 37):  # below, between and above multiples of RNG_ROWS
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(n), jnp.arange(n, dtype=jnp.uint32))
+        for dist, draw in draws.items():
+            want = jax.vmap(lambda k: draw(k, (2, 3, 1), jnp.float32))(keys)  # noqa: B023
+            np.testing.assert_array_equal(_core.random_rows(keys, (2, 3, 1), dist), want)
+        compiled = compiled or _core._draw_rows._cache_size()
+    assert _core._draw_rows._cache_size() == compiled

@@ -111,6 +111,12 @@ def _logits(apply_fn, params, x):
 logits = kernel(_logits)  # f32[B,K] logits, compiled: host drivers never run the model op by op
 
 
+def predict(apply_fn, params, x) -> np.ndarray:
+    """int[B]: the predicted classes, on the host (the argmax in NumPy, not one more small
+    compiled program per batch size)."""
+    return np.asarray(logits(apply_fn, params, x)).argmax(-1)
+
+
 # ---------------------------------------------------------------------------------------
 # Input checks (host side, before tracing)
 # ---------------------------------------------------------------------------------------
@@ -196,6 +202,30 @@ def example_keys(key, x: Array) -> PRNGKey:
     if key.shape != ():
         raise ValueError(f"key must be one PRNG key or one per example ({x.shape[0]}), got shape {key.shape}")
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, content_hash(x))
+
+
+# XLA:CPU takes ~0.5 s to compile a threefry draw of an image's shape (2-core CPU, jax 0.10),
+# for every batch size it sees; drawn in chunks of this many keys, one program serves them all.
+RNG_ROWS = 32
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dist"))
+def _draw_rows(keys, shape, dist):
+    draw = jax.random.uniform if dist == "uniform" else jax.random.normal
+    return jax.vmap(lambda k: draw(k, shape, jnp.float32))(keys)
+
+
+def random_rows(keys: PRNGKey, shape: tuple[int, ...], dist: str) -> Array:
+    """f32[B, *shape]: for each of the B keys one draw of `shape`, uniform in [0, 1) or
+    standard normal (`dist`): the values of `vmap(lambda k: draw(k, shape))(keys)`, computed
+    RNG_ROWS keys at a time so that every batch size runs the same compiled program."""
+    n = keys.shape[0]
+    data = np.asarray(jax.random.key_data(keys))
+    impl = jax.random.key_impl(keys)
+    data = np.concatenate([data, np.repeat(data[:1], -n % RNG_ROWS, axis=0)])
+    parts = [_draw_rows(jax.random.wrap_key_data(jnp.asarray(data[i:i + RNG_ROWS]), impl=impl), tuple(shape), dist)
+             for i in range(0, data.shape[0], RNG_ROWS)]  # fmt: skip
+    return jnp.asarray(np.concatenate([np.asarray(p) for p in parts])[:n])
 
 
 def require_key(key, name: str) -> None:

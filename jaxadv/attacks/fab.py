@@ -243,8 +243,9 @@ def _perturb(apply_fn, params, x, y, key, *, eps, norm, targets, n_restarts, n_i
     keys = _core.example_keys(key, x)
     x0 = x.astype(jnp.float32)
     logits = _core.logits(apply_fn, params, x0)
-    order = jnp.argsort(logits, axis=-1)
-    fooled = np.array(jnp.argmax(logits, -1) != y)
+    z = np.asarray(logits)  # on the host: no small eager programs to compile
+    order = np.argsort(z, axis=-1, kind="stable")
+    fooled = z.argmax(-1) != np.asarray(y)
     broke_with = np.full(x.shape[0], -1, np.int32)
     out = x0
     if early_exit and len(targets) > 1 and _core.parallel_targets():
@@ -255,14 +256,14 @@ def _perturb(apply_fn, params, x, y, key, *, eps, norm, targets, n_restarts, n_i
             todo = ~fooled
             if not todo.any():
                 return out, fooled, broke_with
-            y_t = y if target_class is None else order[:, -target_class]
+            y_t = y if target_class is None else jnp.asarray(order[:, -target_class], jnp.int32)
             run_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t_i * 1000 + r)
             for size, idx in _core.micro_batches(todo, x.shape[0]):
                 idx = jnp.arange(x.shape[0], dtype=jnp.int32) if idx is None else idx
                 sub = _core.gather_rows((x0, y, y_t, run_keys), idx, size=size)
                 adv, res = run(apply_fn, params, *sub, eps=eps, norm=norm, targeted=target_class is not None,
                                n_iter=n_iter, random_start=r > 0, early_exit=early_exit, counter=counter)  # fmt: skip
-                ok = np.asarray((res <= eps) & (jnp.argmax(_core.logits(apply_fn, params, adv), -1) != sub[1]))
+                ok = (np.asarray(res) <= eps) & (_core.predict(apply_fn, params, adv) != np.asarray(sub[1]))
                 out = _core.credit(out, fooled, broke_with, idx, ok, adv, todo, t_i)
     return out, fooled, broke_with
 
@@ -278,11 +279,11 @@ def _parallel_targets(apply_fn, params, x0, y, keys, order, fooled, broke_with, 
             break
         rep, slot, group = _core.replicate_targets(rows, len(targets))
         rep_j, slot_j = jnp.asarray(rep), jnp.asarray(slot)
-        y_t = order[rep_j, -(jnp.asarray(targets)[slot_j])]
+        y_t = jnp.asarray(order[rep, -np.asarray(targets)[slot]], jnp.int32)
         run_keys = jax.vmap(jax.random.fold_in)(keys[rep_j], slot_j * 1000 + r)
         adv, res = run(apply_fn, params, x0[rep_j], y[rep_j], y_t, run_keys, eps=eps, norm=norm, targeted=True,
                        n_iter=n_iter, random_start=r > 0, early_exit=True, counter=counter, groups=group)  # fmt: skip
-        ok = np.asarray((res <= eps) & (jnp.argmax(_core.logits(apply_fn, params, adv), -1) != y[rep_j]))
+        ok = (np.asarray(res) <= eps) & (_core.predict(apply_fn, params, adv) != np.asarray(y)[rep])
         best = _core.first_success(ok, slot, group, rows.size)
         hit = best >= 0
         out = out.at[rows[hit]].set(adv[best[hit]])
@@ -345,6 +346,6 @@ def fab_t(apply_fn: ApplyFn, params: Params, x: Array, y: Array, *, key: PRNGKey
     x_adv = out.astype(x.dtype)
     if not return_info:
         return x_adv
-    order = np.asarray(jnp.argsort(_core.logits(apply_fn, params, x), axis=-1))
+    order = np.argsort(np.asarray(_core.logits(apply_fn, params, x)), axis=-1, kind="stable")
     target = np.where(broke_with >= 0, order[np.arange(len(broke_with)), -(np.maximum(broke_with, 0) + 2)], -1)
     return x_adv, {"fooled": fooled, "target": target, "passes": counter}

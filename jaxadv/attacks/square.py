@@ -299,7 +299,7 @@ def square(
     keys = _core.example_keys(key, x)
     counter = {"forward": 1 * x.shape[0]}
     x0 = x.astype(jnp.float32)
-    fooled = np.array(jnp.argmax(_core.logits(apply_fn, params, x0), -1) != y)
+    fooled = _core.predict(apply_fn, params, x0) != np.asarray(y)
     out, queries = x0, np.zeros(x.shape[0], np.int64)
     for r in range(n_restarts):
         todo = ~fooled
