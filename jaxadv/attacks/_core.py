@@ -219,6 +219,7 @@ def random_rows(keys: PRNGKey, shape: tuple[int, ...], dist: str) -> Array:
     """f32[B, *shape]: for each of the B keys one draw of `shape`, uniform in [0, 1) or
     standard normal (`dist`): the values of `vmap(lambda k: draw(k, shape))(keys)`, computed
     RNG_ROWS keys at a time so that every batch size runs the same compiled program."""
+    keys = _as_typed(keys)
     n = keys.shape[0]
     data = np.asarray(jax.random.key_data(keys))
     impl = jax.random.key_impl(keys)
