@@ -8,7 +8,8 @@ iterations 10, 50, 200, 500, 1000, 2000, 4000, ...), window sides from
 round(sqrt(p h w)) with Python's round-half-to-even, window corners in [0, h - s), the
 acceptance rule (lower margin, or misclassified), and points leaving the batch once
 fooled. Queries are counted exactly: one forward pass per point for the start, then one
-per iteration the point is still active.
+per iteration the point is still active, for n_queries iterations (the reference's loop;
+until 2026-11-29 jaxadv ran n_queries - 1, the Square paper's count).
 
 `window` chooses how the squares are drawn:
   * "image" (default; the Square paper): every image draws its own window and signs, so a
@@ -231,7 +232,7 @@ def run(apply_fn, params, x, y, keys, *, eps, norm, n_queries, p_init, window, c
     x_best, m_best = _init_kernel(apply_fn, params, x0, y, keys, eps, lo, hi, norm=norm, window=window)
     table = jnp.asarray(eta_table(h, w)) if norm == "l2" else jnp.zeros((1, 1, 1), jnp.float32)
     state = (x0, y, x_best, m_best, jnp.ones(b, jnp.int32), keys)
-    n_it = n_queries - 1
+    n_it = n_queries  # the reference loops `for i_iter in range(n_queries)` after its start query
     for it0 in range(0, n_it, CHUNK):
         active = np.asarray(state[3]) > 0
         if not active.any():
@@ -276,7 +277,9 @@ def square(
 
     Args:
       apply_fn, params, x, y, key, eps, norm, clip_min, clip_max: as for every attack.
-      n_queries: queries per point per restart, including the start (AutoAttack: 5000).
+      n_queries: iterations per point per restart after the start (AutoAttack: 5000); a
+        point never fooled costs n_queries + 1 forward passes, as in the reference, whose
+        loop runs `range(n_queries)` after its start query.
       p_init: the initial fraction of pixels a square covers (0.8).
       n_restarts: runs, each on the points no earlier run fooled.
       window: "image" (one window per image; the default, batch-independent) or "batch"
