@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         jax.clear_caches()  # nothing compiled in memory: warm runs read the on-disk cache, cold ones compile
         if not name.endswith("_warm"):
             shutil.rmtree(args.xla_cache, ignore_errors=True)
-            os.makedirs(args.xla_cache)  # JAX's cache object keeps the path and does not recreate it
+            os.makedirs(args.xla_cache, exist_ok=True)  # JAX's cache object keeps the path and does not recreate it
         robust, per, seconds, flags = ours(apply_fn, variables, x, y, eps=eps, norm=args.norm, early_exit=early,
                                            square_window=window)  # fmt: skip
         runs[name] = {"robust": robust, "per": per, "seconds": seconds, "flags": flags}

@@ -83,6 +83,9 @@ def _loss(losses, loss_id, logits, y, y_target):
     losses on [B, K] logits cost nothing measurable."""
     if len(losses) == 1:
         return _LOSS_FNS[losses[0]](logits, y, y_target)
+    # The unselected losses get a zero cotangent. With -inf logits (a model masking classes)
+    # DLR turns NaN only when a single logit is finite, where cross-entropy's gradient is
+    # zero as well, so no NaN reaches a gradient that was finite before.
     per = [jnp.where(loss_id == j, _LOSS_FNS[name](logits, y, y_target), 0.0) for j, name in enumerate(losses)]
     return sum(per[1:], per[0])
 
@@ -173,6 +176,7 @@ def _step(apply_fn, params, s: _State, i, check, k, eps, lo, hi, rho, loss_id, f
     gradient at the start point of `_start`, which becomes the best point (call it with
     check False). The start is thus one program with the steps, not a second program with
     its own forward and backward pass to compile (~0.9 s per batch size on the study's CNN)."""
+    check = jnp.logical_and(check, jnp.logical_not(first))  # the first call has no losses to test
     a = jnp.where(i > 0, 0.75, 1.0)
     grad2 = s.x_adv - s.x_adv_old
     if norm == "linf":
@@ -229,7 +233,7 @@ def run(apply_fn, params, x, y, y_target, keys, *, eps, norm, loss, n_iter, rho=
     losses = losses_for(_core.num_classes(apply_fn, params, x))
     loss_id = jnp.int32(losses.index(loss))
     step = functools.partial(_step_kernel, apply_fn, params, norm=norm, losses=losses)
-    if random_start and validate.is_concrete(keys):
+    if random_start and validate.is_concrete((params, x, keys)):
         noise = _core.random_rows(keys, tuple(x.shape[1:]), "uniform" if norm == "linf" else "normal")
     elif random_start:  # under a caller's jit
         noise = _core._draw_rows(keys, tuple(x.shape[1:]), "uniform" if norm == "linf" else "normal")
@@ -363,9 +367,9 @@ def apgd(
     """Untargeted APGD with the cross-entropy ("ce", APGD-CE) or DLR ("dlr", APGD-DLR) loss.
 
     Defaults are AutoAttack's: 100 iterations, one restart, rho 0.75, a random start on
-    the eps sphere. Points misclassified at x are returned unchanged; a point fooled by
-    some iterate is returned as its last fooling iterate (the first with `early_exit`);
-    the others as their highest-loss iterate.
+    the eps sphere. A point fooled by some iterate is returned as its last fooling iterate
+    (the first with `early_exit`); the others, and points misclassified at x, unchanged (the
+    reference's `perturb` keeps only successful examples).
 
     Args:
       apply_fn, params: the classifier.
@@ -441,4 +445,5 @@ def apgd_t(
         return x_adv
     order = np.argsort(np.asarray(_core.logits(apply_fn, params, x)), axis=-1, kind="stable")
     target = np.where(broke_with >= 0, order[np.arange(len(broke_with)), -(np.maximum(broke_with, 0) + 2)], -1)
+    target = target.astype(np.int32)
     return x_adv, {"fooled": fooled, "target": target, "passes": counter}

@@ -77,42 +77,37 @@ def sanity_flags(apply_fn, params, x, y) -> dict:
     zero_gradients: points whose DLR-loss gradient is exactly zero (the attacks cannot see them).
 
     The five passes run the model compiled, as every attack does, from two separate traces
-    (the zero-gradient program's and `_core.logits`): randomness drawn on the host while
-    tracing differs between the traces, and randomness at run time (a host callback, or a
-    model that reads a changing key) between calls. Op-by-op passes would catch the same,
-    but compiling each op of the model one by one cost ~2 s of a cold start.
+    of the same forward program (`_logits_again`, then `_core.logits` four times): randomness
+    drawn on the host while tracing differs between the traces, and randomness at run time
+    (a host callback, or a model that reads a changing key) between calls; a deterministic
+    model gives identical logits. Op-by-op passes would catch the same, but compiling each
+    op of the model one by one cost ~2 s of a cold start.
     """
     x = x[:250].astype(jnp.float32)
     y = y[:250]
     k = _core.num_classes(apply_fn, params, x)
-    if k >= 3:
-        zero_grad, first = _zero_grad_kernel(apply_fn, params, x, y)
-    else:  # no DLR loss: a second trace of the model alone
-        zero_grad, first = None, jax.jit(lambda p, z: _core._logits(apply_fn, p, z))(params, x)
-    outs = [np.asarray(first, np.float64)] + [np.asarray(_core.logits(apply_fn, params, x), np.float64)
-                                                for _ in range(4)]  # fmt: skip
+    outs = [np.asarray(_logits_again(apply_fn, params, x), np.float64)]
+    outs += [np.asarray(_core.logits(apply_fn, params, x), np.float64) for _ in range(4)]
     normed = [o / (np.linalg.norm(o, axis=1, keepdims=True) + 1e-10) for o in outs]
     diff = max(float(np.max(np.linalg.norm(a - b, axis=1))) for i, a in enumerate(normed) for b in normed[i + 1:])
     n_correct = [int(np.sum(o.argmax(1) == np.asarray(y))) for o in outs]
     o = outs[0]
     probabilities = bool(o.max() < 1 + 1e-5 and o.min() > -1e-5 and np.all(np.abs(o.sum(-1) - 1) < 1e-5))
     zero = 0
-    if zero_grad is not None:  # on the points the attacks will see: the correctly classified ones
+    if k >= 3:  # on the points the attacks will see: the correctly classified ones
         correct = o.argmax(1) == np.asarray(y)
-        zero = int(np.sum(np.asarray(zero_grad) & correct))
+        zero = int(np.sum(np.asarray(_zero_grad_kernel(apply_fn, params, x, y)) & correct))
     return {"randomized": bool(diff > 1e-4 or len(set(n_correct)) > 1), "probabilities": probabilities,
             "zero_gradients": zero, "n_classes": k}  # fmt: skip
 
 
 def _zero_grad(apply_fn, params, x, y):
-    """(bool[B]: the DLR-loss gradient is exactly zero, f32[B,K]: the logits)."""
+    g = jax.grad(lambda z: jnp.sum(dlr_loss(apply_fn(params, z), y)))(x)
+    return jnp.sum(jnp.abs(g).reshape(x.shape[0], -1), axis=1) == 0
 
-    def total(z):
-        logits = apply_fn(params, z).astype(jnp.float32)
-        return jnp.sum(dlr_loss(logits, y)), logits
 
-    (_, logits), g = jax.value_and_grad(total, has_aux=True)(x)
-    return jnp.sum(jnp.abs(g).reshape(x.shape[0], -1), axis=1) == 0, logits
+# The forward program of `_core.logits` under another function object: jit traces it anew.
+_logits_again = _core.kernel(lambda apply_fn, params, x: _core._logits(apply_fn, params, x))
 
 
 _zero_grad_kernel = _core.kernel(_zero_grad)

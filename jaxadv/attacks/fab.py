@@ -263,7 +263,7 @@ def _perturb(apply_fn, params, x, y, key, *, eps, norm, targets, n_restarts, n_i
                 sub = _core.gather_rows((x0, y, y_t, run_keys), idx, size=size)
                 adv, res = run(apply_fn, params, *sub, eps=eps, norm=norm, targeted=target_class is not None,
                                n_iter=n_iter, random_start=r > 0, early_exit=early_exit, counter=counter)  # fmt: skip
-                ok = (np.asarray(res) <= eps) & (_core.predict(apply_fn, params, adv) != np.asarray(sub[1]))
+                ok = (np.asarray(res) <= np.asarray(eps)) & (_core.predict(apply_fn, params, adv) != np.asarray(sub[1]))
                 out = _core.credit(out, fooled, broke_with, idx, ok, adv, todo, t_i)
     return out, fooled, broke_with
 
@@ -283,7 +283,7 @@ def _parallel_targets(apply_fn, params, x0, y, keys, order, fooled, broke_with, 
         run_keys = jax.vmap(jax.random.fold_in)(keys[rep_j], slot_j * 1000 + r)
         adv, res = run(apply_fn, params, x0[rep_j], y[rep_j], y_t, run_keys, eps=eps, norm=norm, targeted=True,
                        n_iter=n_iter, random_start=r > 0, early_exit=True, counter=counter, groups=group)  # fmt: skip
-        ok = (np.asarray(res) <= eps) & (_core.predict(apply_fn, params, adv) != np.asarray(y)[rep])
+        ok = (np.asarray(res) <= np.asarray(eps)) & (_core.predict(apply_fn, params, adv) != np.asarray(y)[rep])
         best = _core.first_success(ok, slot, group, rows.size)
         hit = best >= 0
         out = out.at[rows[hit]].set(adv[best[hit]])
@@ -348,4 +348,5 @@ def fab_t(apply_fn: ApplyFn, params: Params, x: Array, y: Array, *, key: PRNGKey
         return x_adv
     order = np.argsort(np.asarray(_core.logits(apply_fn, params, x)), axis=-1, kind="stable")
     target = np.where(broke_with >= 0, order[np.arange(len(broke_with)), -(np.maximum(broke_with, 0) + 2)], -1)
+    target = target.astype(np.int32)
     return x_adv, {"fooled": fooled, "target": target, "passes": counter}
