@@ -159,7 +159,9 @@ def _chunk(apply_fn, params, x0, y, x_best, m_best, queries, keys, its, sides, v
             x_new = _proposal_linf(x0, x_best, keys, its[j], sides[j], eps, lo, hi, window=window)
         else:
             x_new = _proposal_l2(x0, x_best, keys, its[j], sides[j], eps, lo, hi, table, window=window)
-        m_new = margin(apply_fn(params, x_new), y)
+        # A barrier: fused into the model's first layers, the proposal made each iteration ~11 %
+        # slower than the forward pass alone (XLA:CPU, the study's CNN, 160 rows: 1.11x against 0.99x).
+        m_new = margin(apply_fn(params, jax.lax.optimization_barrier(x_new)), y)
         accept = active & ((m_new < m_best) | (m_new <= 0))
         return (jnp.where(bcast(accept), x_new, x_best), jnp.where(accept, m_new, m_best),
                 queries + active.astype(jnp.int32))  # fmt: skip
