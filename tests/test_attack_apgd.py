@@ -155,6 +155,8 @@ def test_random_starts_are_the_vmapped_draws_in_one_program_for_every_batch_size
         for dist, draw in draws.items():
             want = jax.vmap(lambda k: draw(k, (2, 3, 1), jnp.float32))(keys)  # noqa: B023
             np.testing.assert_array_equal(_core.random_rows(keys, (2, 3, 1), dist), want)
-        compiled = compiled or _core._draw_rows._cache_size()
+            traced = jax.jit(lambda k: _core.random_rows(k, (2, 3, 1), dist))(keys)  # noqa: B023
+            np.testing.assert_array_equal(traced, want)
+        compiled = compiled or _core._draw_rows._cache_size()  # (inlined under the jit above)
     assert _core._draw_rows._cache_size() == compiled
 

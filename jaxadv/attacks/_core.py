@@ -218,8 +218,11 @@ def _draw_rows(keys, shape, dist):
 def random_rows(keys: PRNGKey, shape: tuple[int, ...], dist: str) -> Array:
     """f32[B, *shape]: for each of the B keys one draw of `shape`, uniform in [0, 1) or
     standard normal (`dist`): the values of `vmap(lambda k: draw(k, shape))(keys)`, computed
-    RNG_ROWS keys at a time so that every batch size runs the same compiled program."""
+    RNG_ROWS keys at a time so that every batch size runs the same compiled program (under
+    a caller's jit, where the keys are traced, in one draw)."""
     keys = _as_typed(keys)
+    if not validate.is_concrete(keys):
+        return _draw_rows(keys, tuple(shape), dist)
     n = keys.shape[0]
     data = np.asarray(jax.random.key_data(keys))
     impl = jax.random.key_impl(keys)
